@@ -1,0 +1,1 @@
+"""Model backends behind one interface (base.LLM). Knows nothing of QA pairs."""

@@ -1,0 +1,184 @@
+"""The run directory: atomic writes, JSONL helpers, hashes and manifest.json.
+
+Every file a stage writes goes through `atomic_write_*` (temp file in the same folder + fsync + rename), so a
+killed run never leaves a truncated output behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from doctune.errors import InputError
+
+MANIFEST = "manifest.json"
+TRACKED_PACKAGES = ("doctune", "torch", "transformers", "peft", "trl", "accelerate", "openai", "xgrammar")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    """>>> sha256_text("")[:12]
+    'e3b0c44298fc'
+    """
+    return sha256_bytes(text.encode("utf-8"))
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    """Hash of a JSON value in canonical form (sorted keys, no spaces)."""
+    return sha256_text(json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[Any]:
+    """Open a temp file beside `path`; on success fsync and rename it over `path`, on error remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    binary = "b" in mode
+    try:
+        with os.fdopen(fd, mode, **({} if binary else {"encoding": "utf-8", "newline": "\n"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+
+
+def dumps_row(row: dict[str, Any]) -> str:
+    """One JSONL line: UTF-8 kept as it is, no trailing spaces, deterministic for equal input."""
+    return json.dumps(row, ensure_ascii=False, separators=(", ", ": "))
+
+
+def atomic_write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    n = 0
+    with atomic_open(path) as f:
+        for row in rows:
+            f.write(dumps_row(row) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file. A line that is not a JSON object raises InputError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: not found (run the stage that writes it first)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or delete the line") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@dataclass
+class StageRecord:
+    """What one stage leaves in manifest.json. Build it while the stage runs; `finish()` writes it."""
+
+    stage: str
+    inputs: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    _t0: float = field(default_factory=time.perf_counter)
+
+    def add_input(self, path: str | Path, label: str | None = None) -> str:
+        digest = sha256_file(path)
+        self.inputs[label or str(path)] = digest
+        return digest
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": self.inputs,
+            "config": self.config,
+            "counts": self.counts,
+            "tokens": self.tokens,
+            "notes": self.notes,
+            "versions": package_versions(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "wall_time_s": round(time.perf_counter() - self._t0, 3),
+        }
+
+
+class RunDir:
+    """One run's folder. Never inside the data folder; created on first write."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def ensure(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path
+
+    def manifest(self) -> dict[str, Any]:
+        path = self.path / MANIFEST
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def record(self, rec: StageRecord) -> dict[str, Any]:
+        """Write (replace) one stage's entry in manifest.json, atomically."""
+        manifest = self.manifest()
+        manifest.setdefault("stages", {})
+        entry = rec.as_dict()
+        manifest["stages"][rec.stage] = entry
+        self.ensure()
+        atomic_write_json(self.path / MANIFEST, manifest)
+        return entry

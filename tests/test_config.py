@@ -1,0 +1,113 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from doctune.config import (
+    Config,
+    build_config,
+    default_config_yaml,
+    load_config,
+    parse_overrides,
+    reference_markdown,
+)
+from doctune.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "doctune.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_init_yaml_loads_back_to_the_defaults(tmp_path):
+    text = default_config_yaml()
+    assert "# Largest chunk, in tokens" in text
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.model_dump() == Config().model_dump()
+
+
+def test_every_field_has_a_description():
+    from pydantic import BaseModel
+
+    def walk(cls: type[BaseModel]):
+        for name, field in cls.model_fields.items():
+            assert field.description, f"{cls.__name__}.{name} has no description"
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                walk(field.annotation)
+
+    walk(Config)
+
+
+def test_one_message_per_problem_naming_key_and_value(tmp_path):
+    path = write(
+        tmp_path,
+        "data: {chunk_tokens: lots}\ncurate: {mode: maybe, colour: red}\ngenerate: {total_questions: -3}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    problems = info.value.problems
+    assert len(problems) == 4
+    joined = "\n".join(problems)
+    assert "data.chunk_tokens: got 'lots'" in joined
+    assert "curate.mode: got 'maybe'" in joined and "'score', 'yesno' or 'off'" in joined
+    assert "curate.colour: unknown key" in joined
+    assert "generate.total_questions: got -3" in joined
+
+
+def test_stage_referring_to_a_missing_model_fails(tmp_path):
+    path = write(tmp_path, "generate: {model: writer}\neval: {candidates: {mine: {model: ghost}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    joined = "\n".join(info.value.problems)
+    assert "generate.model: 'writer' is not a model" in joined
+    assert "eval.candidates.mine.model: 'ghost'" in joined
+
+
+def test_judge_not_needed_when_curation_is_off(tmp_path):
+    models = {"student": {"backend": "hf", "model": "m"}}
+    raw = {"models": models, "generate": {"model": "student"}, "curate": {"mode": "off"}, "eval": {"judge": None}}
+    cfg = build_config(raw, tmp_path)
+    assert cfg.curate.mode == "off"
+
+
+def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
+    path = write(tmp_path, "")
+    cfg = load_config(path, parse_overrides(["data.chunk_tokens=256", "curate.dedup.semantic=0.9"]))
+    assert cfg.data.chunk_tokens == 256
+    assert cfg.curate.dedup.semantic == 0.9
+    with pytest.raises(ConfigError, match=r"data\.nope: unknown key"):
+        load_config(path, parse_overrides(["data.nope=1"]))
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_overrides(["chunk_tokens"])
+
+
+def test_overlap_must_be_below_chunk_size(tmp_path):
+    with pytest.raises(ConfigError, match="chunk_overlap"):
+        load_config(write(tmp_path, "data: {chunk_tokens: 64, chunk_overlap: 64}\n"))
+
+
+def test_relative_paths_start_at_the_config_folder(tmp_path):
+    cfg = load_config(write(tmp_path, "run_dir: runs/a\ndata: {dir: docs}\n"))
+    assert cfg.run_path == tmp_path.resolve() / "runs/a"
+    assert cfg.path(cfg.data.dir) == tmp_path.resolve() / "docs"
+    assert cfg.path("{run_dir}/adapter") == tmp_path.resolve() / "runs/a/adapter"
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "run_dir: [unclosed", "just words"])
+def test_non_mapping_or_broken_yaml_is_one_clean_error(tmp_path, text):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert len(info.value.problems) == 1
+
+
+def test_missing_file_says_how_to_make_one(tmp_path):
+    with pytest.raises(ConfigError, match="doctune init"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_reference_lists_every_leaf_key():
+    table = reference_markdown()
+    for key in ("`data.chunk_tokens`", "`curate.dedup.near`", "`models.NAME.base_url`", "`finetune.lora.r`"):
+        assert key in table
+    assert yaml.safe_load(default_config_yaml())["finetune"]["lora"]["alpha"] == 32
