@@ -66,7 +66,12 @@ def test_stage_referring_to_a_missing_model_fails(tmp_path):
 
 def test_judge_not_needed_when_curation_is_off(tmp_path):
     models = {"student": {"backend": "hf", "model": "m"}}
-    raw = {"models": models, "generate": {"model": "student"}, "curate": {"mode": "off"}, "eval": {"judge": None}}
+    raw = {
+        "models": models,
+        "generate": {"model": "student"},
+        "curate": {"mode": "off"},
+        "eval": {"judge": None},
+    }
     cfg = build_config(raw, tmp_path)
     assert cfg.curate.mode == "off"
 

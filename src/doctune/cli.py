@@ -41,7 +41,9 @@ ConfigOpt = Annotated[
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override one config field, KEY=VALUE (repeatable), e.g. data.chunk_tokens=512."),
+    typer.Option(
+        "--set", help="Override one config field, KEY=VALUE (repeatable), e.g. data.chunk_tokens=512."
+    ),
 ]
 RunDirOpt = Annotated[str | None, typer.Option("--run-dir", help="Override run_dir.")]
 VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="Log details (DEBUG level).")]
@@ -145,7 +147,9 @@ def tiny_model(
     corpus: Annotated[
         Path | None, typer.Option("--corpus", help="Folder of .txt/.md files to train the tokenizer on.")
     ] = None,
-    size: Annotated[str, typer.Option("--size", help="tiny (~200k params) or small (~10-30M, benchmarks).")] = "tiny",
+    size: Annotated[
+        str, typer.Option("--size", help="tiny (~200k params) or small (~10-30M, benchmarks).")
+    ] = "tiny",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
 ) -> None:
     """Build a random-weight Llama with a BPE tokenizer, offline: for tests, the quickstart and benchmarks."""

@@ -25,7 +25,9 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    dir: str = Field("data", description="Folder of documents (.pdf, .md, .markdown, .txt), read recursively.")
+    dir: str = Field(
+        "data", description="Folder of documents (.pdf, .md, .markdown, .txt), read recursively."
+    )
     chunk_tokens: int = Field(1024, ge=16, description="Largest chunk, in tokens of the counting tokenizer.")
     chunk_overlap: int = Field(64, ge=0, description="Tokens shared by consecutive chunks of one document.")
     tokenizer: str | None = Field(
@@ -45,22 +47,33 @@ class DataConfig(Section):
 
 class ModelConfig(Section):
     backend: Literal["openai", "hf"] = Field(
-        "openai", description="openai: any OpenAI-compatible server (vLLM, TGI, ...); hf: in-process transformers."
+        "openai",
+        description="openai: any OpenAI-compatible server (vLLM, TGI, ...); hf: in-process transformers.",
     )
     model: str = Field(description="Model name on the server (openai) or local dir / hub name (hf).")
     base_url: str | list[str] | None = Field(
         None, description="openai: server URL(s) ending in /v1; several are used round-robin."
     )
     api_key_env: str | None = Field(
-        "OPENAI_API_KEY", description="openai: env var holding the API key (the key itself never goes in files)."
+        "OPENAI_API_KEY",
+        description="openai: env var holding the API key (the key itself never goes in files).",
     )
-    max_concurrency: int = Field(64, ge=1, description="Requests in flight at once (openai) / batch size (hf).")
-    requests_per_minute: float | None = Field(None, gt=0, description="openai: request rate limit; null: none.")
+    max_concurrency: int = Field(
+        64, ge=1, description="Requests in flight at once (openai) / batch size (hf)."
+    )
+    requests_per_minute: float | None = Field(
+        None, gt=0, description="openai: request rate limit; null: none."
+    )
     tokens_per_minute: float | None = Field(None, gt=0, description="openai: token rate limit; null: none.")
-    timeout: float = Field(120.0, gt=0, description="openai: seconds before one request is abandoned and retried.")
-    max_retries: int = Field(6, ge=0, description="openai: retries on 429/5xx/timeouts, with jittered backoff.")
+    timeout: float = Field(
+        120.0, gt=0, description="openai: seconds before one request is abandoned and retried."
+    )
+    max_retries: int = Field(
+        6, ge=0, description="openai: retries on 429/5xx/timeouts, with jittered backoff."
+    )
     structured_output: Literal["json_schema", "json_object", "none"] = Field(
-        "json_schema", description="How a JSON schema is sent: response_format json_schema, json_object, or not."
+        "json_schema",
+        description="How a JSON schema is sent: response_format json_schema, json_object, or not.",
     )
     adapter: str | None = Field(None, description="hf: PEFT adapter dir loaded on top of the model.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -72,10 +85,14 @@ class ModelConfig(Section):
 def _default_models() -> dict[str, ModelConfig]:
     return {
         "teacher": ModelConfig(
-            backend="openai", base_url="http://localhost:8001/v1", model="meta-llama/Meta-Llama-3-70B-Instruct"
+            backend="openai",
+            base_url="http://localhost:8001/v1",
+            model="meta-llama/Meta-Llama-3-70B-Instruct",
         ),
         "judge": ModelConfig(
-            backend="openai", base_url="http://localhost:8001/v1", model="meta-llama/Meta-Llama-3-70B-Instruct"
+            backend="openai",
+            base_url="http://localhost:8001/v1",
+            model="meta-llama/Meta-Llama-3-70B-Instruct",
         ),
         "student": ModelConfig(backend="hf", model="meta-llama/Meta-Llama-3-8B-Instruct"),
     }
@@ -83,7 +100,9 @@ def _default_models() -> dict[str, ModelConfig]:
 
 class GenerateConfig(Section):
     model: str = Field("teacher", description="Name in `models:` of the model that writes QA pairs.")
-    total_questions: int = Field(7000, ge=1, description="Questions asked over all chunks (spread by tokens).")
+    total_questions: int = Field(
+        7000, ge=1, description="Questions asked over all chunks (spread by tokens)."
+    )
     language: str = Field("English", description="Language of the generated questions and answers.")
     max_tokens: int = Field(2048, ge=1, description="Largest reply per request.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature of the teacher.")
@@ -100,7 +119,10 @@ class DedupConfig(Section):
         0.85, gt=0, le=1, description="MinHash Jaccard threshold for near-duplicate questions; null: off."
     )
     semantic: float | None = Field(
-        None, gt=0, le=1, description="Cosine threshold on MiniLM embeddings for semantic duplicates; null: off."
+        None,
+        gt=0,
+        le=1,
+        description="Cosine threshold on MiniLM embeddings for semantic duplicates; null: off.",
     )
 
 
@@ -121,8 +143,12 @@ class CurateConfig(Section):
     )
     seed: int = Field(0, description="Seed of the train/val split.")
     max_answer_chars: int = Field(2000, ge=1, description="Answers longer than this are rejected.")
-    prompts: str | None = Field(None, description="YAML with curation_prompt_template; null: packaged prompts.")
-    max_failure_rate: float = Field(0.1, ge=0, le=1, description="Share of judge errors that fails the stage.")
+    prompts: str | None = Field(
+        None, description="YAML with curation_prompt_template; null: packaged prompts."
+    )
+    max_failure_rate: float = Field(
+        0.1, ge=0, le=1, description="Share of judge errors that fails the stage."
+    )
 
 
 class LoraConfig(Section):
@@ -142,9 +168,13 @@ class FinetuneConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Steps accumulated before an update.")
     lr: float = Field(1.0e-4, gt=0, description="Peak learning rate.")
     max_length: int = Field(2048, ge=8, description="Samples longer than this (tokens) are truncated.")
-    quantization: Literal["4bit", "8bit"] | None = Field(None, description="QLoRA via bitsandbytes (CUDA only).")
+    quantization: Literal["4bit", "8bit"] | None = Field(
+        None, description="QLoRA via bitsandbytes (CUDA only)."
+    )
     packing: bool = Field(False, description="Pack samples into rows without cross-sample attention.")
-    fsdp: Literal["full_shard"] | None = Field(None, description="FSDP through accelerate (CUDA only); null: DDP.")
+    fsdp: Literal["full_shard"] | None = Field(
+        None, description="FSDP through accelerate (CUDA only); null: DDP."
+    )
     eval_steps: int = Field(50, ge=1, description="Validation loss every this many steps (and at the end).")
     seed: int = Field(42, description="Seed of initialisation and data order.")
     report_to: list[str] = Field(
@@ -154,7 +184,9 @@ class FinetuneConfig(Section):
 
 class CandidateConfig(Section):
     model: str = Field(description="Name in `models:` of the model that answers.")
-    adapter: str | None = Field(None, description="hf: adapter dir on top of the model; {run_dir} is replaced.")
+    adapter: str | None = Field(
+        None, description="hf: adapter dir on top of the model; {run_dir} is replaced."
+    )
 
 
 def _default_candidates() -> dict[str, CandidateConfig]:
@@ -176,7 +208,9 @@ class EvalConfig(Section):
         default_factory=_default_candidates, description="Models compared side by side."
     )
     pairwise: list[str] | None = Field(None, description="Two candidate names judged head to head.")
-    max_failure_rate: float = Field(0.1, ge=0, le=1, description="Share of failed items that fails the stage.")
+    max_failure_rate: float = Field(
+        0.1, ge=0, le=1, description="Share of failed items that fails the stage."
+    )
 
 
 class ServeConfig(Section):
@@ -189,7 +223,9 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Documents and chunking.")
     models: dict[str, ModelConfig] = Field(default_factory=_default_models, description="Models by name.")
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="QA generation (teacher).")
-    curate: CurateConfig = Field(default_factory=CurateConfig, description="Judge, dedup, contamination, split.")
+    curate: CurateConfig = Field(
+        default_factory=CurateConfig, description="Judge, dedup, contamination, split."
+    )
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="LoRA fine-tuning.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Side-by-side evaluation.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="OpenAI-compatible server.")
@@ -216,6 +252,12 @@ class Config(Section):
 
     def model(self, name: str) -> ModelConfig:
         return self.models[name]
+
+    def model_source(self, value: str) -> str:
+        """A model/tokenizer reference as transformers should load it: an existing local folder (relative
+        paths start at base_dir, `{run_dir}` replaced) as an absolute path, anything else as a hub name."""
+        local = self.path(value)
+        return str(local) if local.exists() else value
 
 
 def reference_problems(cfg: Config) -> list[str]:
@@ -296,7 +338,9 @@ def _apply_override(raw: dict[str, Any], dotted: str, value: Any) -> str | None:
     return None
 
 
-def build_config(raw: Any, base_dir: Path, overrides: dict[str, Any] | None = None, source: str = "config") -> Config:
+def build_config(
+    raw: Any, base_dir: Path, overrides: dict[str, Any] | None = None, source: str = "config"
+) -> Config:
     """Validate a parsed YAML document (plus overrides) into a Config, or raise ConfigError with every problem."""
     if raw is None:
         raw = {}
@@ -333,7 +377,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     path = Path(path) if path is not None else Path(DEFAULT_CONFIG_NAME)
     if not path.is_file():
         raise ConfigError(
-            [f"{path}: no such file (write one with `doctune init`, or pass -c/--config PATH)"], source=str(path)
+            [f"{path}: no such file (write one with `doctune init`, or pass -c/--config PATH)"],
+            source=str(path),
         )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -102,7 +102,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or delete the line") from None
+                raise InputError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or delete the line"
+                ) from None
             if not isinstance(row, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
