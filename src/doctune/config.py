@@ -422,7 +422,7 @@ def default_config_yaml() -> str:
     """doctune.yaml with every default and its description as a comment (what `doctune init` writes)."""
     header = [
         "# doctune configuration: every key with its default. Relative paths start at this file's folder.",
-        "# Validate with any command; override one field with --set KEY=VALUE (e.g. --set generate.total_questions=100).",
+        "# Every command validates it first; override a field with --set KEY=VALUE, e.g. --set data.chunk_tokens=512",
     ]
     return "\n".join(header + _render_section(Config(), 0)) + "\n"
 
