@@ -175,12 +175,15 @@ class RunDir:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def record(self, rec: StageRecord) -> dict[str, Any]:
-        """Write (replace) one stage's entry in manifest.json, atomically."""
+    def set_manifest(self, section: str, key: str, value: Any) -> None:
+        """Write (replace) `manifest[section][key]`, atomically."""
         manifest = self.manifest()
-        manifest.setdefault("stages", {})
-        entry = rec.as_dict()
-        manifest["stages"][rec.stage] = entry
+        manifest.setdefault(section, {})[key] = value
         self.ensure()
         atomic_write_json(self.path / MANIFEST, manifest)
+
+    def record(self, rec: StageRecord) -> dict[str, Any]:
+        """Write (replace) one stage's entry under `stages` in manifest.json."""
+        entry = rec.as_dict()
+        self.set_manifest("stages", rec.stage, entry)
         return entry

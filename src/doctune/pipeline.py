@@ -1,0 +1,168 @@
+"""`doctune run`: every stage in order, skipping what is already done.
+
+A stage is skipped when its fingerprint (sha256 of its input files and of the config it depends on) equals the
+one recorded after its last successful run and its outputs are still there. Once one stage runs, every stage
+after it runs too. Re-running a stage is cheap where work was already done: LLM answers come from
+cache.sqlite, and fine-tuning resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from doctune.config import Config
+from doctune.errors import ConfigError
+from doctune.reporting import NullProgress, Progress, Summary
+from doctune.runs import RunDir, sha256_file, sha256_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    entry: str  # "module:function", imported only when the stage runs
+    inputs: Callable[[Config], list[Path]]
+    outputs: Callable[[Config], list[Path]]
+    sections: Callable[[Config], dict[str, Any]]
+
+    def fingerprint(self, cfg: Config) -> str:
+        files = {str(p): sha256_file(p) for p in self.inputs(cfg) if p.is_file()}
+        return sha256_json({"inputs": files, "config": self.sections(cfg)})
+
+    def done(self, cfg: Config) -> bool:
+        return all(p.exists() for p in self.outputs(cfg))
+
+    def load(self) -> Callable[..., Summary]:
+        module, func = self.entry.split(":")
+        return getattr(importlib.import_module(module), func)
+
+
+def _data_files(cfg: Config) -> list[Path]:
+    root = cfg.path(cfg.data.dir)
+    if not root.is_dir():
+        return []
+    run = cfg.run_path.resolve()
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and run not in p.resolve().parents
+    )
+
+
+def _model(cfg: Config, name: str | None) -> dict[str, Any] | None:
+    if name is None or name not in cfg.models:
+        return None
+    return cfg.models[name].model_dump(exclude={"max_concurrency", "timeout", "max_retries"})
+
+
+def _optional(cfg: Config, value: str | None) -> list[Path]:
+    return [cfg.path(value)] if value else []
+
+
+def _run_file(name: str) -> Callable[[Config], list[Path]]:
+    return lambda cfg: [cfg.run_path / name]
+
+
+STAGES: list[Stage] = [
+    Stage(
+        "ingest",
+        "doctune.ingest.stage:run",
+        _data_files,
+        _run_file("chunks.jsonl"),
+        lambda c: {"data": c.data.model_dump(), "counter": _model(c, c.generate.model)},
+    ),
+    Stage(
+        "generate",
+        "doctune.generate:run",
+        lambda c: [c.run_path / "chunks.jsonl", *_optional(c, c.generate.prompts)],
+        _run_file("qa_raw.jsonl"),
+        lambda c: {"generate": c.generate.model_dump(), "model": _model(c, c.generate.model)},
+    ),
+    Stage(
+        "curate",
+        "doctune.curate.stage:run",
+        lambda c: [
+            c.run_path / "qa_raw.jsonl",
+            *_optional(c, c.curate.eval_set),
+            *_optional(c, c.curate.prompts),
+        ],
+        lambda c: [c.run_path / "train.jsonl", c.run_path / "val.jsonl", c.run_path / "data.json"],
+        lambda c: {"curate": c.curate.model_dump(), "model": _model(c, c.curate.model)},
+    ),
+    Stage(
+        "finetune",
+        "doctune.finetune.train:run",
+        lambda c: [c.run_path / "train.jsonl", c.run_path / "val.jsonl"],
+        lambda c: [c.run_path / "adapter" / "adapter_config.json"],
+        lambda c: {"finetune": c.finetune.model_dump(), "model": _model(c, c.finetune.model)},
+    ),
+    Stage(
+        "eval",
+        "doctune.evaluate.stage:run",
+        lambda c: [c.path(c.eval.eval_set), c.run_path / "adapter" / "adapter_model.safetensors"],
+        lambda c: [c.run_path / "eval" / "summary.json"],
+        lambda c: {
+            "eval": c.eval.model_dump(),
+            "models": {n: _model(c, cand.model) for n, cand in c.eval.candidates.items()},
+            "judge": _model(c, c.eval.judge),
+        },
+    ),
+]
+STAGE_NAMES = [s.name for s in STAGES]
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    status: str  # "ran" | "skipped"
+    seconds: float
+    summary: Summary | None
+
+
+def select(from_stage: str | None, only: str | None) -> list[Stage]:
+    for key, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in STAGE_NAMES:
+            raise ConfigError(
+                [f"{key}: {value!r} is not a stage (stages: {', '.join(STAGE_NAMES)})"], "command line"
+            )
+    if only is not None:
+        return [s for s in STAGES if s.name == only]
+    start = STAGE_NAMES.index(from_stage) if from_stage else 0
+    return STAGES[start:]
+
+
+def run(
+    cfg: Config,
+    *,
+    from_stage: str | None = None,
+    only: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    on_stage: Callable[[StageOutcome], None] | None = None,
+) -> list[StageOutcome]:
+    """Run the selected stages in order; `on_stage` is called after each (the CLI prints its summary)."""
+    progress = progress or NullProgress()
+    run_dir = RunDir(cfg.run_path)
+    outcomes: list[StageOutcome] = []
+    rerun_rest = force or from_stage is not None
+    for stage in select(from_stage, only):
+        recorded = run_dir.manifest().get("pipeline", {}).get(stage.name)
+        fingerprint = stage.fingerprint(cfg)
+        if not rerun_rest and recorded == fingerprint and stage.done(cfg):
+            log.info("%s: inputs and config unchanged since its last run, skipped", stage.name)
+            outcome = StageOutcome(stage.name, "skipped", 0.0, None)
+        else:
+            rerun_rest = True
+            t0 = time.perf_counter()
+            summary = stage.load()(cfg, progress=progress)
+            run_dir.set_manifest("pipeline", stage.name, stage.fingerprint(cfg))
+            outcome = StageOutcome(stage.name, "ran", time.perf_counter() - t0, summary)
+        outcomes.append(outcome)
+        if on_stage is not None:
+            on_stage(outcome)
+    return outcomes
