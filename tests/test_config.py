@@ -116,3 +116,17 @@ def test_reference_lists_every_leaf_key():
     for key in ("`data.chunk_tokens`", "`curate.dedup.near`", "`models.NAME.base_url`", "`finetune.lora.r`"):
         assert key in table
     assert yaml.safe_load(default_config_yaml())["finetune"]["lora"]["alpha"] == 32
+
+
+def test_readme_configuration_reference_is_current():
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        from config_reference import updated
+    finally:
+        sys.path.pop(0)
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert updated(readme) == readme, "README's configuration reference is stale: run scripts/config_reference.py"
