@@ -1,6 +1,6 @@
 """Rewrite the configuration reference in README.md from the pydantic models (tests check it is current).
 
-    .venv/bin/python scripts/config_reference.py
+.venv/bin/python scripts/config_reference.py
 """
 
 from pathlib import Path

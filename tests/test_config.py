@@ -129,4 +129,6 @@ def test_readme_configuration_reference_is_current():
     finally:
         sys.path.pop(0)
     readme = (root / "README.md").read_text(encoding="utf-8")
-    assert updated(readme) == readme, "README's configuration reference is stale: run scripts/config_reference.py"
+    assert updated(readme) == readme, (
+        "README's configuration reference is stale: run scripts/config_reference.py"
+    )
