@@ -289,8 +289,13 @@ def reference_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def _key_part(part: Any) -> str:
+    text = str(part)
+    return text if text and text.isprintable() and text.strip() == text else repr(part)
+
+
 def _describe_error(err: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+    key = ".".join(_key_part(part) for part in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"{key}: unknown key (check the spelling; `doctune init` writes every allowed key)"
     if err["type"] == "missing":
@@ -332,7 +337,7 @@ def _apply_override(raw: dict[str, Any], dotted: str, value: Any) -> str | None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            return f"{'.'.join(parts[: i + 1])}: is {child!r}, cannot set {dotted}"
+            return f"{'.'.join(map(_key_part, parts[: i + 1]))}: is {child!r}, cannot set {_key_part(dotted)}"
         node = child
     node[parts[-1]] = value
     return None
@@ -352,7 +357,7 @@ def build_config(
         raise ConfigError(problems, source)
     bad_keys = [k for k in raw if not isinstance(k, str)]
     if bad_keys:
-        raise ConfigError([f"{k!r}: keys must be text" for k in bad_keys], source)
+        raise ConfigError([f"{_key_part(k)}: keys must be text" for k in bad_keys], source)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
