@@ -1,7 +1,7 @@
 """The one interface every model backend implements, and what a call returns.
 
 ```python
-llm = build_llm(cfg.models["teacher"], cache_path=run_dir / "cache.sqlite")   # llm/factory.py
+llm = build_llm(cfg, "teacher")           # llm/factory.py: backend + cache.sqlite in run_dir
 await llm.preflight()                      # unreachable server / bad key / unknown model → LLMError, at once
 reply = await llm.chat(messages, max_tokens=512, json_schema=schema)
 reply.text, reply.prompt_tokens, reply.completion_tokens, reply.finish_reason, reply.cached
