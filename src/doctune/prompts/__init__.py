@@ -44,8 +44,18 @@ def load_prompts(name: str, override: str | Path | None = None) -> dict[str, str
                 raise ConfigError(
                     [f"{path}: {key} must be text, got {type(value).__name__}"], source="prompts"
                 )
-            prompts[key] = value
+            prompts[key] = unescape_format_braces(value)
     return prompts
+
+
+def unescape_format_braces(template: str) -> str:
+    """The seed's templates were written for `str.format`, so literal braces are doubled; `fill` replaces
+    only named placeholders, so turn `{{`/`}}` back into single braces.
+
+    >>> unescape_format_braces('Answer as [{{"Question": ..., "Answer": ...}}] in {language}.')
+    'Answer as [{"Question": ..., "Answer": ...}] in {language}.'
+    """
+    return template.replace("{{", "{").replace("}}", "}")
 
 
 def fill(template: str, **values: object) -> str:
