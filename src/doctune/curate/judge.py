@@ -1,0 +1,228 @@
+"""The judge: one request per QA pair; it sees the source context, the question and the answer.
+
+Modes (`curate.mode`):
+- `score`: `{"reason", "score"}` on the 5-point scale of "Self-Alignment with Instruction Backtranslation"
+  (Li et al., 2023) adapted to grounding: 5 = fully supported by the context and useful to a user of the
+  domain. Pairs scored at least `curate.threshold` pass.
+- `yesno`: the seed recipe's prompt and `{"Reason", "Result": "YES"|"NO"}`; YES (any case) passes.
+
+A reply that cannot be parsed (even after repair), whose score is not an integer 1-5 or whose Result is not
+YES/NO, or a request that still fails after the backend's retries, gives a Verdict with `error` and the raw
+reply: the stage puts that pair in qa_rejected.jsonl with rule `judge_error`. A fatal LLMError (server gone,
+bad key) is not caught here: it ends the stage, and answered requests stay in the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from doctune.llm.base import LLM, Completion, RequestFailed
+from doctune.llm.structured import ReplyParseError, parse_json_reply
+from doctune.prompts import fill
+from doctune.reporting import Progress
+
+SCORE_KEY = "score_prompt_template"
+YESNO_KEY = "curation_prompt_template"
+USER_KEY = "curation_user_template"
+MAX_TOKENS = 512
+# A reason that in-process constrained decoding can always close: no control characters, quotes or backslashes
+# (the reply stays strict JSON), at most 300 characters, written as 3 x 100 since xgrammar 0.2.8 cannot compile
+# a repetition bound above 128.
+SAFE_REASON_PATTERN = r'^([^\x00-\x1f"\\]{1,100}){1,3}$'
+
+
+def reply_schema(mode: str, *, bounded_strings: bool = False) -> dict[str, Any]:
+    """JSON schema of a judge's reply in `mode` (score or yesno); the reason comes first, so the model
+    explains before it decides."""
+    text: dict[str, Any] = (
+        {"type": "string", "pattern": SAFE_REASON_PATTERN} if bounded_strings else {"type": "string"}
+    )
+    if mode == "score":
+        properties = {"reason": text, "score": {"type": "integer", "minimum": 1, "maximum": 5}}
+    elif mode == "yesno":
+        properties = {"Reason": text, "Result": {"type": "string", "enum": ["YES", "NO"]}}
+    else:
+        raise ValueError(f"no judge schema for mode {mode!r}")
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+
+
+def _as_object(value: Any) -> dict[str, Any]:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, dict):
+        raise ReplyParseError(f"expected a JSON object, got {type(value).__name__}")
+    return {k.strip().lower(): v for k, v in value.items() if isinstance(k, str)}
+
+
+def _reason(obj: dict[str, Any]) -> str:
+    reason = obj.get("reason")
+    return reason.strip() if isinstance(reason, str) else ""
+
+
+def parse_score(text: str) -> tuple[int, str]:
+    """(score, reason) of a score-mode reply. Raises ReplyParseError unless the score is an integer 1-5
+    (a number or a numeral string).
+
+    >>> parse_score('{"reason": "Fully supported.", "score": 5}')
+    (5, 'Fully supported.')
+    >>> parse_score('```json\\n{"Reason": "Half of it is made up", "Score": "2"}\\n```')
+    (2, 'Half of it is made up')
+    """
+    obj = _as_object(parse_json_reply(text))
+    raw = obj.get("score")
+    score: int | None = None
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        score = raw
+    elif isinstance(raw, float) and raw.is_integer():
+        score = int(raw)
+    elif isinstance(raw, str) and raw.strip().isdigit():
+        score = int(raw.strip())
+    if score is None or not 1 <= score <= 5:
+        raise ReplyParseError(f"score must be an integer from 1 to 5, got {raw!r}")
+    return score, _reason(obj)
+
+
+def parse_yesno(text: str) -> tuple[bool, str]:
+    """(passed, reason) of a yesno-mode reply: Result YES or NO, in any case. Raises ReplyParseError otherwise.
+
+    >>> parse_yesno('{"Reason": "Relevant.", "Result": "yes"}')
+    (True, 'Relevant.')
+    """
+    obj = _as_object(parse_json_reply(text))
+    raw = obj.get("result")
+    result = raw.strip().strip(".").upper() if isinstance(raw, str) else None
+    if result not in ("YES", "NO"):
+        raise ReplyParseError(f"Result must be YES or NO, got {raw!r}")
+    return result == "YES", _reason(obj)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judge's word on one pair. `passed` is None when the judge failed (`error`, with the raw reply)."""
+
+    passed: bool | None
+    score: int | None = None
+    reason: str | None = None
+    error: str | None = None
+    raw: str | None = None
+    completion: Completion | None = None
+
+
+@dataclass
+class Judge:
+    """Builds the request for a pair and turns the reply into a Verdict.
+
+    `prompts` holds the templates of prompts/curate.yaml (or the user's); `language` fills `{language}`.
+    """
+
+    llm: LLM
+    mode: str
+    threshold: int
+    prompts: dict[str, str]
+    language: str = "English"
+    max_tokens: int = MAX_TOKENS
+    bounded_strings: bool = False
+    schema: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("score", "yesno"):
+            raise ValueError(f"a Judge needs mode score or yesno, got {self.mode!r}")
+        self.schema = reply_schema(self.mode, bounded_strings=self.bounded_strings)
+
+    def messages(self, pair: dict[str, Any]) -> list[dict[str, str]]:
+        """The seed's request shape: instructions as the system message; question, answer and context as
+        the user's."""
+        system = fill(self.prompts[SCORE_KEY if self.mode == "score" else YESNO_KEY], language=self.language)
+        user = fill(
+            self.prompts[USER_KEY],
+            question=str(pair.get("question") or "").strip(),
+            answer=str(pair.get("answer") or "").strip(),
+            context=str(pair.get("context") or "").strip(),
+        )
+        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+    async def judge(self, pair: dict[str, Any]) -> Verdict:
+        try:
+            reply = await self.llm.chat(
+                self.messages(pair), max_tokens=self.max_tokens, temperature=0.0, json_schema=self.schema
+            )
+        except RequestFailed as exc:
+            return Verdict(None, error=f"request failed: {exc.reason}", raw=exc.raw)
+        try:
+            if self.mode == "score":
+                score, reason = parse_score(reply.text)
+                return Verdict(score >= self.threshold, score, reason, completion=reply)
+            passed, reason = parse_yesno(reply.text)
+            return Verdict(passed, None, reason, completion=reply)
+        except ReplyParseError as exc:
+            cut = " (reply cut at max_tokens)" if reply.finish_reason == "length" else ""
+            return Verdict(None, error=f"unusable reply: {exc}{cut}", raw=reply.text, completion=reply)
+
+
+@dataclass
+class JudgeTally:
+    """Running totals of the judge's requests (progress bar, manifest, report)."""
+
+    requests: int = 0
+    cached: int = 0
+    passed: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tokens_cached: int = 0
+    completion_tokens_cached: int = 0
+
+    def add(self, verdict: Verdict) -> None:
+        self.requests += 1
+        self.passed += verdict.passed is True
+        self.errors += verdict.passed is None
+        reply = verdict.completion
+        if reply is not None:
+            self.prompt_tokens += reply.prompt_tokens
+            self.completion_tokens += reply.completion_tokens
+            if reply.cached:
+                self.cached += 1
+                self.prompt_tokens_cached += reply.prompt_tokens
+                self.completion_tokens_cached += reply.completion_tokens
+
+    def tokens(self) -> dict[str, int]:
+        return {
+            "prompt": self.prompt_tokens,
+            "completion": self.completion_tokens,
+            "prompt_cached": self.prompt_tokens_cached,
+            "completion_cached": self.completion_tokens_cached,
+            "prompt_sent": self.prompt_tokens - self.prompt_tokens_cached,
+            "completion_sent": self.completion_tokens - self.completion_tokens_cached,
+        }
+
+
+async def judge_all(
+    judge: Judge, pairs: Sequence[dict[str, Any]], *, progress: Progress, tally: JudgeTally
+) -> list[Verdict]:
+    """Every pair's verdict, in order. All requests are in flight at once (the LLM bounds concurrency); a
+    fatal LLMError cancels the rest (what was answered is already in the cache)."""
+
+    async def indexed(i: int, pair: dict[str, Any]) -> tuple[int, Verdict]:
+        return i, await judge.judge(pair)
+
+    verdicts: list[Verdict | None] = [None] * len(pairs)
+    tasks = [asyncio.create_task(indexed(i, pair)) for i, pair in enumerate(pairs)]
+    try:
+        for next_done in asyncio.as_completed(tasks):
+            i, verdict = await next_done
+            verdicts[i] = verdict
+            tally.add(verdict)
+            progress.advance(1, passed=tally.passed, errors=tally.errors, tok_in=tally.prompt_tokens)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return [v for v in verdicts if v is not None]
