@@ -1,0 +1,254 @@
+"""The LLM judge of eval: a reference-guided 1-10 score or the seed's YES/NO per answer, and a pairwise
+verdict between two answers asked in both orders to cancel position bias.
+
+A reply that fails or cannot be read becomes a `Verdict` with `error` set and no score: the stage counts and
+lists it, and never scores it 0.
+
+```python
+judge = Judge(llm, load_prompts("eval"), mode="score")      # bounded_strings=True for in-process models
+verdict = await judge.grade(question, reference, answer)          # Verdict(score=7.0, reason=..., error=None)
+pair = await judge.compare(question, reference, answer_a, answer_b)   # PairVerdict(outcome="win", ...)
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from doctune.llm.base import LLM, RequestFailed
+from doctune.llm.structured import ReplyParseError, parse_json_reply
+from doctune.prompts import fill
+
+log = logging.getLogger(__name__)
+
+JudgeMode = Literal["score", "yesno"]
+JUDGE_MAX_TOKENS = 512
+MAX_REASON_CHARS = 400
+_SAFE_CHAR = r'[^\x00-\x1f"\\]'  # JSON string text that needs no escape: no control char, quote or backslash
+
+
+def bounded_text_pattern(max_chars: int, chunk: int = 128) -> str:
+    """Regex for 1..max_chars escape-free characters, which in-process constrained decoding can always close
+    (FIELD-NOTES). xgrammar 0.2.8 fails to compile a repetition bound above 128, so longer bounds are chained.
+
+    >>> import re
+    >>> p = re.compile(bounded_text_pattern(300))
+    >>> bool(p.match("x" * 300)), bool(p.match("x" * 301)), bool(p.match('say "hi"'))
+    (True, False, False)
+    """
+    parts = [f"{_SAFE_CHAR}{{1,{min(chunk, max_chars)}}}"]
+    for start in range(chunk, max_chars, chunk):
+        parts.append(f"{_SAFE_CHAR}{{0,{min(chunk, max_chars - start)}}}")
+    return "^" + "".join(parts) + "$"
+
+
+def reply_schema(
+    kind: Literal["score", "yesno", "pairwise"], *, bounded_strings: bool = False
+) -> dict[str, Any]:
+    """JSON schema of a judge reply; the reason comes first, so the judge explains before it decides.
+    `bounded_strings` (in-process decoding) bounds the reason with bounded_text_pattern; servers get plain text,
+    so a reason may quote."""
+    reason: dict[str, Any] = {"type": "string"}
+    if bounded_strings:
+        reason = {"type": "string", "pattern": bounded_text_pattern(MAX_REASON_CHARS)}
+    verdict: dict[str, tuple[str, dict[str, Any]]] = {
+        "score": ("score", {"type": "integer", "minimum": 1, "maximum": 10}),
+        "yesno": ("Result", {"type": "string", "enum": ["YES", "NO"]}),
+        "pairwise": ("winner", {"type": "string", "enum": ["A", "B", "tie"]}),
+    }
+    reason_key = "Reason" if kind == "yesno" else "reason"  # the seed's keys in yesno mode
+    key, value = verdict[kind]
+    return {
+        "type": "object",
+        "properties": {reason_key: reason, key: value},
+        "required": [reason_key, key],
+        "additionalProperties": False,
+    }
+
+
+PairOutcome = Literal["win", "tie", "loss"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One judgement: `score` (1-10, or 1/0 for YES/NO) and `reason`, or `error` and no score."""
+
+    score: float | None = None
+    reason: str | None = None
+    error: str | None = None
+    raw: str | None = None
+
+
+@dataclass(frozen=True)
+class PairVerdict:
+    """Answer A against answer B, judged as (A, B) and as (B, A). `outcome` is from A's side; None if either
+    order failed. A win needs the same preference in both orders; anything else is a tie."""
+
+    outcome: PairOutcome | None
+    forward: str | None = None  # "A", "B" or "tie" when A was shown first
+    backward: str | None = None  # the same, from A's side, when B was shown first
+    reasons: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def _get(reply: dict[str, Any], name: str) -> Any:
+    for key, value in reply.items():
+        if isinstance(key, str) and key.strip().lower() == name:
+            return value
+    return None
+
+
+def _as_dict(text: str) -> dict[str, Any]:
+    value = parse_json_reply(text)
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, dict):
+        raise ReplyParseError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_score(text: str) -> Verdict:
+    """A score-mode reply → Verdict; a reply without an integer score in 1..10 is an error.
+
+    >>> parse_score('{"reason": "Right.", "score": 8}')
+    Verdict(score=8.0, reason='Right.', error=None, raw=None)
+    >>> parse_score('no idea').error is not None
+    True
+    """
+    try:
+        reply = _as_dict(text)
+    except ReplyParseError as exc:
+        return Verdict(error=f"unparseable judge reply: {exc}", raw=text)
+    score, reason = _get(reply, "score"), _get(reply, "reason")
+    if isinstance(score, str):
+        score = score.strip().split("/")[0].strip()
+        score = int(score) if score.isdigit() else score
+    if isinstance(score, float) and score.is_integer():
+        score = int(score)
+    if isinstance(score, bool) or not isinstance(score, int) or not 1 <= score <= 10:
+        return Verdict(error=f"judge reply has no score 1-10 (got {score!r})", raw=text)
+    return Verdict(score=float(score), reason=str(reason) if reason is not None else None)
+
+
+def parse_yesno(text: str) -> Verdict:
+    """The seed's {"Reason", "Result": "YES"|"NO"} → Verdict with score 1 (YES) or 0 (NO).
+
+    >>> parse_yesno('{"Reason": "Matches.", "Result": "YES."}').score
+    1.0
+    """
+    try:
+        reply = _as_dict(text)
+    except ReplyParseError as exc:
+        return Verdict(error=f"unparseable judge reply: {exc}", raw=text)
+    result, reason = _get(reply, "result"), _get(reply, "reason")
+    word = result.strip().strip(".").upper() if isinstance(result, str) else None
+    if word not in ("YES", "NO"):
+        return Verdict(error=f"judge reply has no Result YES or NO (got {result!r})", raw=text)
+    return Verdict(score=1.0 if word == "YES" else 0.0, reason=str(reason) if reason is not None else None)
+
+
+def parse_winner(text: str) -> tuple[str | None, str | None, str | None]:
+    """A pairwise reply → (winner "A"|"B"|"tie", reason, error).
+
+    >>> parse_winner('{"reason": "B is wrong.", "winner": "a"}')
+    ('A', 'B is wrong.', None)
+    """
+    try:
+        reply = _as_dict(text)
+    except ReplyParseError as exc:
+        return None, None, f"unparseable judge reply: {exc}"
+    winner, reason = _get(reply, "winner"), _get(reply, "reason")
+    word = winner.strip().strip(".").lower() if isinstance(winner, str) else None
+    names = {"a": "A", "b": "B", "tie": "tie"}
+    if word not in names:
+        return None, None, f"judge reply has no winner A, B or tie (got {winner!r})"
+    return names[word], str(reason) if reason is not None else None, None
+
+
+def combine_orders(forward: str, backward_from_a: str) -> PairOutcome:
+    """A's outcome from both orders: the same preference twice wins, anything else is a tie.
+
+    >>> combine_orders("A", "A"), combine_orders("A", "B"), combine_orders("B", "B"), combine_orders("A", "tie")
+    ('win', 'tie', 'loss', 'tie')
+    """
+    if forward == backward_from_a == "A":
+        return "win"
+    if forward == backward_from_a == "B":
+        return "loss"
+    return "tie"
+
+
+class Judge:
+    """Asks one LLM for verdicts. Request failures and unreadable replies become errors, never exceptions."""
+
+    def __init__(
+        self, llm: LLM, prompts: dict[str, str], mode: JudgeMode = "score", *, bounded_strings: bool = False
+    ):
+        self.llm = llm
+        self.prompts = prompts
+        self.mode = mode
+        self.schemas = {
+            k: reply_schema(k, bounded_strings=bounded_strings) for k in ("score", "yesno", "pairwise")
+        }
+        self.tokens: Counter[str] = Counter()
+
+    async def _ask(self, system: str, user: str, schema: dict[str, Any]) -> tuple[str | None, str | None]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        try:
+            reply = await self.llm.chat(
+                messages, max_tokens=JUDGE_MAX_TOKENS, temperature=0.0, json_schema=schema
+            )
+        except RequestFailed as exc:
+            return None, f"judge request failed: {exc.reason}"
+        self.tokens["prompt"] += reply.prompt_tokens
+        self.tokens["completion"] += reply.completion_tokens
+        return reply.text, None
+
+    async def grade(self, question: str, reference: str, answer: str) -> Verdict:
+        """The judgement of one answer against its reference."""
+        user = fill(
+            self.prompts["judge_input_template"], question=question, reference=reference, answer=answer
+        )
+        if self.mode == "yesno":
+            text, error = await self._ask(self.prompts["judge_prompt_template"], user, self.schemas["yesno"])
+            verdict = parse_yesno(text) if text is not None else Verdict(error=error)
+        else:
+            text, error = await self._ask(
+                self.prompts["judge_score_prompt_template"], user, self.schemas["score"]
+            )
+            verdict = parse_score(text) if text is not None else Verdict(error=error)
+        if verdict.error:
+            log.debug("judge: %s", verdict.error)
+        return verdict
+
+    async def _winner(self, question: str, reference: str, first: str, second: str) -> tuple[Any, Any, Any]:
+        user = fill(
+            self.prompts["judge_pairwise_input_template"],
+            question=question,
+            reference=reference,
+            answer_a=first,
+            answer_b=second,
+        )
+        text, error = await self._ask(
+            self.prompts["judge_pairwise_prompt_template"], user, self.schemas["pairwise"]
+        )
+        if text is None:
+            return None, None, error
+        return parse_winner(text)
+
+    async def compare(self, question: str, reference: str, answer_a: str, answer_b: str) -> PairVerdict:
+        """A against B, asked as (A, B) and as (B, A); the outcome is from A's side."""
+        (fwd, fwd_reason, fwd_err), (bwd, bwd_reason, bwd_err) = await asyncio.gather(
+            self._winner(question, reference, answer_a, answer_b),
+            self._winner(question, reference, answer_b, answer_a),
+        )
+        backward = {"A": "B", "B": "A", "tie": "tie"}.get(bwd) if bwd is not None else None
+        reasons = [r for r in (fwd_reason, bwd_reason) if r]
+        error = fwd_err or bwd_err
+        if error or fwd is None or backward is None:
+            return PairVerdict(outcome=None, forward=fwd, backward=backward, reasons=reasons, error=error)
+        return PairVerdict(combine_orders(fwd, backward), forward=fwd, backward=backward, reasons=reasons)
