@@ -160,13 +160,13 @@ class Timed:
         await self.inner.aclose()
 
 
-def timed_eval(cfg: Any, similarity: bool = True) -> dict[str, Any]:
+def timed_eval(cfg: Any) -> dict[str, Any]:
     clock = Busy()
     build = factory.build_llm
     factory.build_llm = lambda *a, **kw: Timed(build(*a, **kw), clock)
     try:
         t0, c0 = time.perf_counter(), cpu_s()
-        run(cfg, similarity=similarity)
+        run(cfg)
         wall, cpu = time.perf_counter() - t0, cpu_s() - c0
     finally:
         factory.build_llm = build
@@ -262,7 +262,8 @@ def main() -> None:
         summary_cold = (cfg.run_path / "eval" / "summary.json").read_bytes()
         warm = timed_eval(cfg)
         same = (cfg.run_path / "eval" / "summary.json").read_bytes() == summary_cold
-        no_sim = timed_eval(build_config({**raw, "run_dir": "run-no-similarity"}, WORK), similarity=False)
+        no_sim_raw = {**raw, "run_dir": "run-no-similarity", "eval": {**raw["eval"], "similarity": False}}
+        no_sim = timed_eval(build_config(no_sim_raw, WORK))
 
     n = args.items
     rows = [

@@ -25,9 +25,9 @@ from tests.support.fake_openai import FakeOpenAIServer, FaultPlan, prompt_key, u
 from doctune import generate
 from doctune.config import ModelConfig, build_config, load_config
 from doctune.errors import FailureRateError, InputError, LLMError
-from doctune.generate import allocate_questions, parse_pairs, reply_schema, run, text_bound, text_pattern
+from doctune.generate import allocate_questions, parse_pairs, reply_schema, run, text_bound
 from doctune.llm.base import Completion, RequestFailed
-from doctune.llm.structured import ReplyParseError, validate
+from doctune.llm.structured import ReplyParseError, text_pattern, validate
 from doctune.prompts import load_prompts
 from doctune.runs import read_jsonl, sha256_text
 

@@ -208,6 +208,12 @@ class EvalConfig(Section):
         default_factory=_default_candidates, description="Models compared side by side."
     )
     pairwise: list[str] | None = Field(None, description="Two candidate names judged head to head.")
+    similarity: bool = Field(
+        True, description="Score answers by MiniLM embedding similarity to the reference (costs CPU time)."
+    )
+    prompts: str | None = Field(
+        None, description="YAML with judge_prompt_template (seed format); null: packaged."
+    )
     max_failure_rate: float = Field(
         0.1, ge=0, le=1, description="Share of failed items that fails the stage."
     )

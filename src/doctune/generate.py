@@ -26,7 +26,7 @@ from doctune.config import Config
 from doctune.errors import FailureRateError, InputError
 from doctune.llm.base import LLM, Completion, RequestFailed
 from doctune.llm.cache import CachedLLM
-from doctune.llm.structured import ReplyParseError, parse_json_reply, validate
+from doctune.llm.structured import ReplyParseError, parse_json_reply, text_pattern, validate
 from doctune.prompts import fill, load_prompts
 from doctune.reporting import NullProgress, Progress, Summary
 from doctune.runs import RunDir, StageRecord, atomic_write_jsonl, read_jsonl, sha256_text
@@ -104,28 +104,10 @@ def text_bound(max_tokens: int, num_questions: int) -> int:
     return max(MIN_TEXT_CHARS, min(MAX_TEXT_CHARS, (per_pair - 32) // 2))  # 32: {"question":"","answer":""},
 
 
-def text_pattern(max_chars: int) -> str:
-    r"""A string of 1..max_chars characters that constrained decoding can always close: no control characters,
-    quotes or backslashes (xgrammar applies a pattern to the raw text between the quotes, so the reply stays
-    strict JSON). xgrammar 0.2.8 cannot compile a repetition bound above 128, so longer bounds (rounded down
-    to the hundred) are written as whole hundreds and a rest, a form that also checks in linear time.
-
-    >>> print(text_pattern(64))
-    ^[^\x00-\x1f"\\]{1,64}$
-    >>> print(text_pattern(400))
-    ^(?:[^\x00-\x1f"\\]{100}){0,3}[^\x00-\x1f"\\]{1,100}$
-    """
-    char = r'[^\x00-\x1f"\\]'
-    if max_chars <= 128:
-        return f"^{char}{{1,{max_chars}}}$"
-    hundreds = min(max_chars, MAX_TEXT_CHARS) // 100
-    return f"^(?:{char}{{100}}){{0,{hundreds - 1}}}{char}{{1,100}}$"
-
-
 def reply_schema(num_questions: int, *, max_chars: int | None = None) -> dict[str, Any]:
     """JSON schema of a teacher's reply: `{"pairs": [{"question", "answer"}, ...]}`, at most `num_questions`.
 
-    `max_chars` (in-process decoding) bounds every string with text_pattern; servers get plain non-empty
+    `max_chars` (in-process decoding) bounds every string with structured.text_pattern; servers get plain non-empty
     strings, so answers may quote.
     """
     text: dict[str, Any] = {"type": "string", "minLength": 1}

@@ -210,7 +210,8 @@ def test_failed_answers_are_listed_and_left_out(tmp_path):
     seed_prompts.write_text('judge_prompt_template: "Grade it. Return JSON with Reason and Result."\n')
     with FakeOpenAIServer(reply=reply, models=["ft-model", "base-model", "judge-model"]) as srv:
         cfg = make_config(tmp_path, srv.base_url, judge_mode="yesno", max_failure_rate=0.5)
-        run(cfg, prompts=seed_prompts)
+        cfg.eval.prompts = str(seed_prompts)
+        run(cfg)
         judged = [r for r in srv.received if r["model"] == "judge-model"]
     assert {r["messages"][0]["content"] for r in judged} == {"Grade it. Return JSON with Reason and Result."}
     rows, summ, md, _ = outputs(cfg)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from doctune.llm.base import LLM, Completion, RequestFailed
-from doctune.llm.structured import ReplyParseError, parse_json_reply
+from doctune.llm.structured import ReplyParseError, parse_json_reply, text_pattern
 from doctune.prompts import fill
 from doctune.reporting import Progress
 
@@ -31,7 +31,7 @@ MAX_TOKENS = 512
 # A reason that in-process constrained decoding can always close: no control characters, quotes or backslashes
 # (the reply stays strict JSON), at most 300 characters, written as 3 x 100 since xgrammar 0.2.8 cannot compile
 # a repetition bound above 128.
-SAFE_REASON_PATTERN = r'^([^\x00-\x1f"\\]{1,100}){1,3}$'
+SAFE_REASON_PATTERN = text_pattern(300)
 
 
 def reply_schema(mode: str, *, bounded_strings: bool = False) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from doctune.llm.base import LLM, RequestFailed
-from doctune.llm.structured import ReplyParseError, parse_json_reply
+from doctune.llm.structured import ReplyParseError, parse_json_reply, text_pattern
 from doctune.prompts import fill
 
 log = logging.getLogger(__name__)
@@ -28,33 +28,17 @@ log = logging.getLogger(__name__)
 JudgeMode = Literal["score", "yesno"]
 JUDGE_MAX_TOKENS = 512
 MAX_REASON_CHARS = 400
-_SAFE_CHAR = r'[^\x00-\x1f"\\]'  # JSON string text that needs no escape: no control char, quote or backslash
-
-
-def bounded_text_pattern(max_chars: int, chunk: int = 128) -> str:
-    """Regex for 1..max_chars escape-free characters, which in-process constrained decoding can always close
-    (FIELD-NOTES). xgrammar 0.2.8 fails to compile a repetition bound above 128, so longer bounds are chained.
-
-    >>> import re
-    >>> p = re.compile(bounded_text_pattern(300))
-    >>> bool(p.match("x" * 300)), bool(p.match("x" * 301)), bool(p.match('say "hi"'))
-    (True, False, False)
-    """
-    parts = [f"{_SAFE_CHAR}{{1,{min(chunk, max_chars)}}}"]
-    for start in range(chunk, max_chars, chunk):
-        parts.append(f"{_SAFE_CHAR}{{0,{min(chunk, max_chars - start)}}}")
-    return "^" + "".join(parts) + "$"
 
 
 def reply_schema(
     kind: Literal["score", "yesno", "pairwise"], *, bounded_strings: bool = False
 ) -> dict[str, Any]:
     """JSON schema of a judge reply; the reason comes first, so the judge explains before it decides.
-    `bounded_strings` (in-process decoding) bounds the reason with bounded_text_pattern; servers get plain text,
+    `bounded_strings` (in-process decoding) bounds the reason with structured.text_pattern; servers get plain text,
     so a reason may quote."""
     reason: dict[str, Any] = {"type": "string"}
     if bounded_strings:
-        reason = {"type": "string", "pattern": bounded_text_pattern(MAX_REASON_CHARS)}
+        reason = {"type": "string", "pattern": text_pattern(MAX_REASON_CHARS)}
     verdict: dict[str, tuple[str, dict[str, Any]]] = {
         "score": ("score", {"type": "integer", "minimum": 1, "maximum": 10}),
         "yesno": ("Result", {"type": "string", "enum": ["YES", "NO"]}),

@@ -405,11 +405,9 @@ def run(
     *,
     progress: Progress = NullProgress(),
     use_cache: bool = True,
-    prompts: str | Path | None = None,
-    similarity: bool = True,
 ) -> Summary:
-    """Evaluate every candidate of eval.candidates on eval.eval_set; write {run_dir}/eval/. `prompts`: a YAML
-    replacing packaged judge prompts; `similarity=False` skips the MiniLM similarity (its CPU cost is
+    """Evaluate every candidate of eval.candidates on eval.eval_set; write {run_dir}/eval/. `eval.prompts`
+    replaces packaged judge prompts; `eval.similarity: false` skips the MiniLM similarity (its CPU cost is
     comparable to a small model's answers)."""
     # setup: everything that can be wrong fails here, before any request
     eval_path = cfg.path(cfg.eval.eval_set)
@@ -432,11 +430,11 @@ def run(
         candidates=candidates,
         pair=pair,
         system_prompt=system_prompt,
-        prompts=load_prompts("eval", prompts),
+        prompts=load_prompts("eval", cfg.path(cfg.eval.prompts) if cfg.eval.prompts else None),
         progress=progress,
         use_cache=use_cache,
         cache_path=run_dir / CACHE,
-        similarity=similarity,
+        similarity=cfg.eval.similarity,
     )
     log.info(
         "eval: %d items × %d candidates (%s), judge %s",

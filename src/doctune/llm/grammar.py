@@ -25,14 +25,13 @@ import torch
 import xgrammar as xgr
 from transformers import LogitsProcessor
 
-# Characters a JSON string may hold without escaping: no control characters, no quote, no backslash.
-# xgrammar applies a `pattern` to the raw text between the quotes, so this also keeps the text strict JSON.
-_SAFE_CHARS = '[^\\x00-\\x1f"\\\\]'
+from doctune.llm.structured import text_pattern
+
 _STRING_BOUNDED_BY = ("pattern", "enum", "const", "format")
 
 
 def generation_safe_schema(
-    schema: dict[str, Any], *, max_string_chars: int = 200, max_items: int = 8
+    schema: dict[str, Any], *, max_string_chars: int = 128, max_items: int = 8
 ) -> dict[str, Any]:
     """A copy of `schema` where every string without a pattern/enum/const/format gets
     `pattern: ^[^\\x00-\\x1f"\\\\]{min,max}$` (maxLength, when given, lowers the bound and is dropped: xgrammar
@@ -58,7 +57,7 @@ def _bound(node: Any, max_chars: int, max_items: int) -> None:
     if "string" in types and not any(key in node for key in _STRING_BOUNDED_BY):
         longest = min(max_chars, node.pop("maxLength", max_chars))
         shortest = min(max(1, node.pop("minLength", 1)), longest)
-        node["pattern"] = f"^{_SAFE_CHARS}{{{shortest},{longest}}}$"
+        node["pattern"] = text_pattern(longest, min(shortest, 100))
     if "array" in types and "maxItems" not in node:
         node["maxItems"] = max(max_items, node.get("minItems", 0))
     for key, value in node.items():

@@ -322,9 +322,19 @@ def decode_completion(loaded: _Loaded, tokens: list[int], stop: tuple[str, ...],
 # -- loading ---------------------------------------------------------------------------------------------------
 
 
+# transformers' lazy module imports are not thread-safe: two backends loading at once in worker threads can
+# fail with "cannot import name AutoModelForCausalLM". Loads are serialised (they compete for memory anyway).
+_LOAD_LOCK = threading.Lock()
+
+
 def load_model(model_path: str, adapter: Path | None, cfg: ModelConfig) -> _Loaded:
     """Tokenizer (the adapter's own when it has one: it carries the chat template it was trained with), model
     on cfg.device in cfg.dtype, adapter on top. Any failure → LLMError naming the folder, in one line."""
+    with _LOAD_LOCK:
+        return _load_model(model_path, adapter, cfg)
+
+
+def _load_model(model_path: str, adapter: Path | None, cfg: ModelConfig) -> _Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()

@@ -144,3 +144,27 @@ def _validate_string(value: str, schema: dict[str, Any], path: str) -> list[str]
     if "pattern" in schema and re.search(schema["pattern"], value) is None:
         problems.append(f"{path}: does not match the pattern {schema['pattern']!r}")
     return problems
+
+
+# Text a JSON string holds without escapes: no control character, quote or backslash.
+SAFE_CHAR = r'[^\x00-\x1f"\\]'
+XGRAMMAR_MAX_REPEAT = 128  # xgrammar 0.2.8 fails to compile a repetition bound above this
+
+
+def text_pattern(max_chars: int, min_chars: int = 1) -> str:
+    r"""A `pattern` for min_chars..max_chars escape-free characters, which in-process constrained decoding can
+    always close (xgrammar applies a pattern to the raw text between the quotes, so the reply stays strict
+    JSON). Bounds above 128 are written as whole hundreds and a rest (rounded down to the hundred): xgrammar
+    compiles that form and Python's `re` checks it in linear time.
+
+    >>> print(text_pattern(64))
+    ^[^\x00-\x1f"\\]{1,64}$
+    >>> print(text_pattern(400))
+    ^(?:[^\x00-\x1f"\\]{100}){0,3}[^\x00-\x1f"\\]{1,100}$
+    """
+    if max_chars <= XGRAMMAR_MAX_REPEAT:
+        return f"^{SAFE_CHAR}{{{min(min_chars, max_chars)},{max_chars}}}$"
+    if min_chars > 100:
+        raise ValueError(f"min_chars {min_chars} above 100 needs a bound of at most {XGRAMMAR_MAX_REPEAT}")
+    hundreds = max_chars // 100
+    return f"^(?:{SAFE_CHAR}{{100}}){{0,{hundreds - 1}}}{SAFE_CHAR}{{{min_chars},100}}$"
