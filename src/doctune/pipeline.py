@@ -166,3 +166,74 @@ def run(
         if on_stage is not None:
             on_stage(outcome)
     return outcomes
+
+
+# The closing table of `doctune run`: what each stage recorded in manifest.json, in one place.
+HEADLINE_COUNTS: dict[str, list[tuple[str, str]]] = {
+    "ingest": [("documents", "documents read"), ("skipped", "files skipped"), ("chunks", "chunks")],
+    "generate": [("pairs", "pairs generated"), ("failures", "generation failures")],
+    "curate": [("kept", "pairs kept"), ("train", "train pairs"), ("val", "val pairs")],
+    "finetune": [("train_loss", "training loss"), ("eval_loss", "validation loss")],
+}
+
+
+def overview(cfg: Config, outcomes: list[StageOutcome]) -> Summary:
+    """One table for the whole run: headline counts per stage, eval metrics, tokens, wall time per stage."""
+    stages = RunDir(cfg.run_path).manifest().get("stages", {})
+    summary = Summary(title=f"doctune run: {cfg.run_path}")
+    for stage, rows in HEADLINE_COUNTS.items():
+        counts = stages.get(stage, {}).get("counts", {})
+        for key, label in rows:
+            if key in counts:
+                summary.add(label, counts[key])
+    summary.rows += _eval_rows(cfg.run_path / "eval" / "summary.json")
+    spent = {"prompt": 0, "completion": 0}
+    for entry in stages.values():
+        for key, value in entry.get("tokens", {}).items():
+            for (
+                kind
+            ) in spent:  # "prompt", "answer_prompt", "judge_prompt", ...; not the *_cached/*_sent splits
+                if key == kind or key.endswith(f"_{kind}"):
+                    spent[kind] += int(value or 0)
+    summary.add("LLM tokens (prompt / completion)", f"{spent['prompt']:,} / {spent['completion']:,}")
+    for outcome in outcomes:
+        recorded = stages.get(outcome.name, {}).get("wall_time_s")
+        took = f"{outcome.seconds:.1f} s" if outcome.status == "ran" else f"skipped (last run {recorded} s)"
+        summary.add(f"wall time: {outcome.name}", took)
+    report = cfg.run_path / "eval" / "report.html"
+    if report.is_file():
+        summary.outputs.append(str(report))
+    return summary
+
+
+def _eval_rows(path: Path) -> list[tuple[str, str]]:
+    """`metric: candidate  mean [low, high]` rows from eval/summary.json, and the paired difference of the
+    compared candidates (empty when eval has not run)."""
+    import json
+
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text(encoding="utf-8"))
+    rows = []
+    for name, metrics in (data.get("metrics") or {}).items():
+        for metric, agg in metrics.items():
+            rows.append((f"{metric}: {name}", _mean_ci(agg)))
+    comparison = data.get("comparison") or {}
+    for metric, diff in (comparison.get("metrics") or {}).items():
+        rows.append((f"{metric}: {comparison['a']} − {comparison['b']}", _mean_ci(diff)))
+    pair = data.get("pairwise")
+    if pair:
+        outcome = f"{pair['win']} win / {pair['tie']} tie / {pair['loss']} loss ({pair['missing']} missing)"
+        rows.append((f"pairwise judge: {pair['a']} vs {pair['b']}", outcome))
+    return rows
+
+
+def _mean_ci(agg: dict[str, Any]) -> str:
+    """>>> _mean_ci({"mean": 0.5, "ci": [0.25, 0.75], "n": 8})
+    '0.500 [0.250, 0.750]'
+    """
+    if not isinstance(agg, dict) or agg.get("mean") is None:
+        return "n/a"
+    low, high = (agg.get("ci") or [None, None])[:2]
+    ci = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+    return f"{agg['mean']:.3f}{ci}"

@@ -1,0 +1,135 @@
+"""doctune run: skip what is unchanged, re-run from the first changed stage, --from/--only/--force.
+
+The stage table is replaced by stand-in stages that copy their input, so these tests check the orchestration
+alone; tests/e2e runs the real stages.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from doctune import pipeline
+from doctune.config import build_config
+from doctune.errors import ConfigError
+from doctune.reporting import Summary
+from doctune.runs import atomic_write_text
+
+CALLS: list[str] = []
+
+
+def _stage_fn(name: str, src: str | None, dst: str):
+    def run(cfg, *, progress):
+        CALLS.append(name)
+        text = (
+            (cfg.run_path / src).read_text()
+            if src
+            else "".join(p.read_text() for p in pipeline._data_files(cfg))
+        )
+        atomic_write_text(cfg.run_path / dst, f"{name}({text})")
+        return Summary(title=name, rows=[("wrote", dst)])
+
+    return run
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    module = types.ModuleType("fake_stages")
+    chain = [("ingest", None, "a"), ("generate", "a", "b"), ("curate", "b", "c")]
+    stages = []
+    for name, src, dst in chain:
+        setattr(module, name, _stage_fn(name, src, dst))
+        inputs = pipeline._data_files if src is None else (lambda cfg, s=src: [cfg.run_path / s])
+        stages.append(
+            pipeline.Stage(
+                name,
+                f"fake_stages:{name}",
+                inputs,
+                lambda cfg, d=dst: [cfg.run_path / d],
+                lambda cfg, n=name: {"section": cfg.data.chunk_tokens if n == "ingest" else None},
+            )
+        )
+    monkeypatch.setitem(sys.modules, "fake_stages", module)
+    monkeypatch.setattr(pipeline, "STAGES", stages)
+    monkeypatch.setattr(pipeline, "STAGE_NAMES", [s.name for s in stages])
+    CALLS.clear()
+    return stages
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "doc.md").write_text("hello")
+    return build_config({"run_dir": "run", "data": {"dir": "data"}}, tmp_path)
+
+
+def statuses(outcomes):
+    return [(o.name, o.status) for o in outcomes]
+
+
+def test_second_run_skips_every_stage(fake_stages, cfg):
+    assert statuses(pipeline.run(cfg)) == [("ingest", "ran"), ("generate", "ran"), ("curate", "ran")]
+    assert (cfg.run_path / "c").read_text() == "curate(generate(ingest(hello)))"
+    CALLS.clear()
+    assert [o.status for o in pipeline.run(cfg)] == ["skipped"] * 3
+    assert CALLS == []
+
+
+def test_a_changed_document_reruns_from_ingest(fake_stages, cfg):
+    pipeline.run(cfg)
+    (cfg.path("data") / "doc.md").write_text("hello again")
+    CALLS.clear()
+    pipeline.run(cfg)
+    assert CALLS == ["ingest", "generate", "curate"]
+    assert (cfg.run_path / "c").read_text() == "curate(generate(ingest(hello again)))"
+
+
+def test_a_changed_config_section_reruns_that_stage_and_the_rest(fake_stages, cfg, tmp_path):
+    pipeline.run(cfg)
+    CALLS.clear()
+    changed = build_config({"run_dir": "run", "data": {"dir": "data", "chunk_tokens": 99}}, tmp_path)
+    pipeline.run(changed)
+    assert CALLS == ["ingest", "generate", "curate"]
+
+
+def test_a_deleted_output_reruns_its_stage_and_the_rest(fake_stages, cfg):
+    pipeline.run(cfg)
+    (cfg.run_path / "b").unlink()
+    CALLS.clear()
+    pipeline.run(cfg)
+    assert CALLS == ["generate", "curate"]
+
+
+def test_a_stage_that_crashed_runs_again(fake_stages, cfg, monkeypatch):
+    def boom(cfg, *, progress):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys.modules["fake_stages"], "generate", boom)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg)
+    monkeypatch.setattr(sys.modules["fake_stages"], "generate", _stage_fn("generate", "a", "b"))
+    CALLS.clear()
+    assert statuses(pipeline.run(cfg))[0] == ("ingest", "skipped")
+    assert CALLS == ["generate", "curate"]
+
+
+def test_from_only_and_force(fake_stages, cfg):
+    pipeline.run(cfg)
+    CALLS.clear()
+    pipeline.run(cfg, from_stage="generate")
+    assert CALLS == ["generate", "curate"]
+    CALLS.clear()
+    pipeline.run(cfg, only="curate")
+    assert CALLS == []  # unchanged: --only still skips a stage with nothing to do
+    pipeline.run(cfg, only="curate", force=True)
+    assert CALLS == ["curate"]
+    with pytest.raises(ConfigError, match="'tune' is not a stage"):
+        pipeline.run(cfg, from_stage="tune")
+
+
+def test_overview_lists_every_stage_and_the_report(fake_stages, cfg):
+    outcomes = pipeline.run(cfg)
+    table = dict(pipeline.overview(cfg, outcomes).rows)
+    assert {"wall time: ingest", "wall time: generate", "wall time: curate"} <= set(table)
