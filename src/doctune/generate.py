@@ -107,15 +107,18 @@ def text_bound(max_tokens: int, num_questions: int) -> int:
 def reply_schema(num_questions: int, *, max_chars: int | None = None) -> dict[str, Any]:
     """JSON schema of a teacher's reply: `{"pairs": [{"question", "answer"}, ...]}`, at most `num_questions`.
 
-    `max_chars` (in-process decoding) bounds every string with structured.text_pattern; servers get plain non-empty
-    strings, so answers may quote.
+    `max_chars` (in-process decoding) bounds every string with structured.text_pattern and makes questions end
+    with a question mark (a model that follows the prompt poorly still writes questions); servers get plain
+    non-empty strings, so answers may quote.
     """
     text: dict[str, Any] = {"type": "string", "minLength": 1}
+    question = text
     if max_chars is not None:
         text = {"type": "string", "pattern": text_pattern(max_chars)}
+        question = {"type": "string", "pattern": text_pattern(max_chars, suffix=r"\?")}
     pair = {
         "type": "object",
-        "properties": {"question": text, "answer": text},
+        "properties": {"question": question, "answer": text},
         "required": ["question", "answer"],
         "additionalProperties": False,
     }

@@ -151,20 +151,22 @@ SAFE_CHAR = r'[^\x00-\x1f"\\]'
 XGRAMMAR_MAX_REPEAT = 128  # xgrammar 0.2.8 fails to compile a repetition bound above this
 
 
-def text_pattern(max_chars: int, min_chars: int = 1) -> str:
+def text_pattern(max_chars: int, min_chars: int = 1, suffix: str = "") -> str:
     r"""A `pattern` for min_chars..max_chars escape-free characters, which in-process constrained decoding can
     always close (xgrammar applies a pattern to the raw text between the quotes, so the reply stays strict
     JSON). Bounds above 128 are written as whole hundreds and a rest (rounded down to the hundred): xgrammar
-    compiles that form and Python's `re` checks it in linear time.
+    compiles that form and Python's `re` checks it in linear time. `suffix` (a regex) must follow the text.
 
     >>> print(text_pattern(64))
     ^[^\x00-\x1f"\\]{1,64}$
+    >>> print(text_pattern(50, suffix=r"\?"))
+    ^[^\x00-\x1f"\\]{1,50}\?$
     >>> print(text_pattern(400))
     ^(?:[^\x00-\x1f"\\]{100}){0,3}[^\x00-\x1f"\\]{1,100}$
     """
     if max_chars <= XGRAMMAR_MAX_REPEAT:
-        return f"^{SAFE_CHAR}{{{min(min_chars, max_chars)},{max_chars}}}$"
+        return f"^{SAFE_CHAR}{{{min(min_chars, max_chars)},{max_chars}}}{suffix}$"
     if min_chars > 100:
         raise ValueError(f"min_chars {min_chars} above 100 needs a bound of at most {XGRAMMAR_MAX_REPEAT}")
     hundreds = max_chars // 100
-    return f"^(?:{SAFE_CHAR}{{100}}){{0,{hundreds - 1}}}{SAFE_CHAR}{{{min_chars},100}}$"
+    return f"^(?:{SAFE_CHAR}{{100}}){{0,{hundreds - 1}}}{SAFE_CHAR}{{{min_chars},100}}{suffix}$"
