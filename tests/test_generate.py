@@ -159,14 +159,14 @@ def test_in_process_replies_fit_max_tokens():
         assert worst <= max_tokens or bound == 16
         assert 16 <= bound <= 400
     bounded = reply_schema(2, max_chars=250)
-    ok = {"pairs": [{"question": "é" * 200, "answer": "Ünïcödé, fine."}]}
+    ok = {"pairs": [{"question": "é" * 199 + "?", "answer": "Ünïcödé, fine."}]}
     assert validate(ok, bounded) == []
-    for bad in ["", "x" * 201, 'say "hi"', "back\\slash", "new\nline"]:
+    for bad in ["", "?", "x" * 201 + "?", 'say "hi"?', "back\\slash?", "new\nline?", "no question mark"]:
         assert validate({"pairs": [{"question": bad, "answer": "a"}]}, bounded) != [], bad
     assert text_pattern(64).endswith("{1,64}$")
     longest = reply_schema(1, max_chars=400)
     for length, fits in [(1, True), (100, True), (101, True), (399, True), (400, True), (401, False)]:
-        assert (validate({"pairs": [{"question": "x" * length, "answer": "a"}]}, longest) == []) is fits, (
+        assert (validate({"pairs": [{"question": "Q?", "answer": "x" * length}]}, longest) == []) is fits, (
             length
         )
 
