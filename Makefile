@@ -14,10 +14,14 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+QUICKSTART := examples/quickstart
+
 demo: $(STAMP)
-	$(BIN)/doctune run -c examples/quickstart/doctune.yaml
+	test -f $(QUICKSTART)/runs/tiny-model/config.json || $(BIN)/doctune tiny-model $(QUICKSTART)/runs/tiny-model
+	$(BIN)/doctune run -c $(QUICKSTART)/doctune.yaml
 
 test: $(STAMP)
+	bash scripts/install-browser.sh || echo "no chromium: the browser test skips outside CI"
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest -q -rs

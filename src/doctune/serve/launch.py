@@ -1,0 +1,88 @@
+"""What `doctune serve` does between parsing its options and running the server: resolve, load, serve."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from doctune.config import Config, ServeConfig
+from doctune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def base_model(cfg: Config | None, model: str) -> tuple[str, str, str]:
+    """(source, dtype, device) of `--model`: a name in `models:` of the config (an hf model), else a local
+    folder (relative to the config's folder when there is a config) or a hub name."""
+    if cfg is not None and model in cfg.models:
+        entry = cfg.models[model]
+        if entry.backend != "hf":
+            raise ConfigError(
+                [f"--model {model}: models.{model} is an {entry.backend} model; serve needs an hf model"]
+            )
+        return cfg.model_source(entry.model), entry.dtype, entry.device
+    return (cfg.model_source(model) if cfg is not None else model), "auto", "auto"
+
+
+def api_key_from_env(env_var: str | None) -> str | None:
+    """The key held by `env_var` (None when no variable is named). The key itself is never logged."""
+    if env_var is None:
+        return None
+    key = os.environ.get(env_var, "").strip()
+    if not key:
+        raise ConfigError(
+            [f"--api-key-env {env_var}: that environment variable is not set or empty (export it first)"]
+        )
+    return key
+
+
+def run_server(
+    cfg: Config | None,
+    *,
+    model: str,
+    adapters: list[str],
+    served_model_name: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    api_key_env: str | None = None,
+    max_batch: int = 32,
+    max_tokens: int = 2048,
+    threads: int | None = None,
+) -> None:
+    """Load the base model and adapters and serve them until interrupted."""
+    from doctune.serve.app import serve
+    from doctune.serve.engine import Engine
+    from doctune.serve.models import parse_adapter_specs, resolve_device
+
+    defaults = cfg.serve if cfg is not None else ServeConfig()
+    adapter_dirs = {
+        name: str(cfg.path(path)) if cfg else path for name, path in parse_adapter_specs(adapters).items()
+    }
+    api_key = api_key_from_env(api_key_env)
+    source, dtype, device = base_model(cfg, model)
+    if resolve_device(device) == "cpu":
+        set_cpu_threads(threads)
+    engine = Engine.load(
+        source,
+        adapter_dirs,
+        served_name=served_model_name or model,
+        dtype=dtype,
+        device=device,
+        max_batch=max_batch,
+        max_tokens_cap=max_tokens,
+    )
+    serve(engine, host=host or defaults.host, port=port or defaults.port, api_key=api_key)
+
+
+def set_cpu_threads(threads: int | None) -> int:
+    """Give torch `threads` CPU threads; by default every core but one, which is left to the HTTP side.
+
+    On a small machine this matters a lot: when torch's threads must share the cores with the server's event
+    loop (and its clients), every operation waits for the slowest thread to be scheduled again.
+    """
+    import torch
+
+    n = threads if threads is not None else max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(n)
+    log.info("torch uses %d CPU thread(s)", n)
+    return n
