@@ -121,7 +121,7 @@ def _setup_logging(verbose: bool) -> None:
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
     )
-    for noisy in ("httpx", "httpcore", "openai", "urllib3", "filelock"):
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -173,6 +173,328 @@ def ingest(
     from doctune.ingest.stage import run
 
     _print_summary(run(cfg, progress=RichProgress()))
+
+
+@app.command()
+def generate(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    total_questions: Annotated[
+        int | None,
+        typer.Option("-t", "--total-questions", help="Override generate.total_questions (spread by tokens)."),
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Send every request again instead of reusing cache.sqlite.")
+    ] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Ask the teacher for question/answer pairs from every chunk (qa_raw.jsonl, generate_failures.jsonl)."""
+    cfg = _config(config, sets, run_dir=run_dir, **{"generate.total_questions": total_questions})
+    _setup_logging(verbose)
+    from doctune.generate import run
+
+    _print_summary(run(cfg, progress=RichProgress(), use_cache=not no_cache))
+
+
+@app.command("eval")
+def eval_(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    eval_set: Annotated[
+        str | None,
+        typer.Option("--eval-set", help='Override eval.eval_set: [{"question", "answer"}] JSON/JSONL.'),
+    ] = None,
+    pairwise: Annotated[
+        str | None,
+        typer.Option(
+            "--pairwise", help="Two candidates judged head to head, e.g. finetuned,base (eval.pairwise)."
+        ),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option("--prompts", help="YAML replacing packaged judge prompts (e.g. judge_prompt_template)."),
+    ] = None,
+    no_similarity: Annotated[
+        bool, typer.Option("--no-similarity", help="Skip the MiniLM semantic similarity (saves CPU time).")
+    ] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Send every request again instead of reusing cache.sqlite.")
+    ] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Answer the eval set with every candidate and score it: ROUGE, F1, similarity, LLM judge (eval/)."""
+    pair = [p.strip() for p in pairwise.split(",")] if pairwise else None
+    overrides = {
+        "eval.eval_set": eval_set,
+        "eval.pairwise": pair,
+        "eval.prompts": prompts and str(prompts.resolve()),
+    }
+    if no_similarity:
+        overrides["eval.similarity"] = False
+    cfg = _config(config, sets, run_dir=run_dir, **overrides)
+    _setup_logging(verbose)
+    from doctune.evaluate.stage import run
+
+    _print_summary(run(cfg, progress=RichProgress(), use_cache=not no_cache))
+
+
+@app.command()
+def curate(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", help="Override curate.mode: score, yesno or off (no judge).")
+    ] = None,
+    threshold: Annotated[
+        int | None, typer.Option("--threshold", help="Override curate.threshold (score mode, 1-5).")
+    ] = None,
+    eval_set: Annotated[
+        str | None,
+        typer.Option("--eval-set", help="Override curate.eval_set: eval questions kept out of training."),
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Send every request again instead of reusing cache.sqlite.")
+    ] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Judge, dedup and split qa_raw.jsonl into data.json, train.jsonl and val.jsonl (+ rejects and report)."""
+    cfg = _config(
+        config,
+        sets,
+        run_dir=run_dir,
+        **{"curate.mode": mode, "curate.threshold": threshold, "curate.eval_set": eval_set},
+    )
+    _setup_logging(verbose)
+    from doctune.curate.stage import run
+
+    _print_summary(run(cfg, progress=RichProgress(), use_cache=not no_cache))
+
+
+@app.command()
+def finetune(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    output_dir: Annotated[
+        str | None, typer.Option("--output-dir", help="Folder for the adapter (default: {run_dir}/adapter).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint in the output dir.")
+    ] = False,
+    from_adapter: Annotated[
+        str | None,
+        typer.Option("--from-adapter", help="Continue training this adapter (no second adapter on top)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier run's adapter and checkpoints.")
+    ] = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc", min=1, help="Processes on this machine: starts torchrun (DDP, or finetune.fsdp)."
+        ),
+    ] = 1,
+    verbose: VerboseOpt = False,
+) -> None:
+    """LoRA fine-tune the student on train.jsonl, val loss on val.jsonl ({run_dir}/adapter)."""
+    cfg = _config(config, sets, run_dir=run_dir)
+    _setup_logging(verbose)
+    from doctune.finetune import launch
+    from doctune.reporting import NullProgress
+
+    if nproc > 1 and not launch.dist_info().distributed:
+        from doctune.finetune.train import preflight
+
+        preflight(cfg)
+        args = launch.finetune_args(
+            config=str(config) if config else None,
+            sets=sets,
+            run_dir=run_dir,
+            output_dir=output_dir,
+            resume=resume,
+            from_adapter=from_adapter,
+            overwrite=overwrite,
+            verbose=verbose,
+        )
+        raise typer.Exit(launch.run_torchrun(nproc, args))
+    from doctune.finetune.train import run
+
+    main_process = launch.is_main_process()
+    summary = run(
+        cfg,
+        progress=RichProgress() if main_process else NullProgress(),
+        output_dir=output_dir,
+        resume=resume,
+        from_adapter=from_adapter,
+        overwrite=overwrite,
+    )
+    if main_process:
+        _print_summary(summary)
+
+
+@app.command()
+def merge(
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", help="Adapter folder (default: {run_dir}/adapter).")
+    ] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Folder for the merged model (default: {run_dir}/merged).")
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base model (default: the one the adapter was trained on).")
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Merge a LoRA adapter into its base model: one folder of safetensors + tokenizer + chat template."""
+    if adapter is None or out_dir is None:
+        cfg = _config(config, sets, run_dir=run_dir)
+        adapter = adapter or cfg.run_path / "adapter"
+        out_dir = out_dir or cfg.run_path / "merged"
+    _setup_logging(verbose)
+    from doctune.finetune.merge import merge as merge_adapter
+
+    _print_summary(merge_adapter(adapter, out_dir, base=base, progress=RichProgress()))
+
+
+@app.command("serve")
+def serve_command(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", help="Base model: a folder, a hub name, or a name in `models:` of the config."
+        ),
+    ],
+    adapters: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", help="NAME=DIR: also serve this LoRA adapter as model NAME (repeatable)."),
+    ] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option("--served-model-name", help="API name of the base model (default: --model).")
+    ] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Address to bind (default serve.host).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port to bind (default serve.port).")] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key-env", help="Env var holding the API key that every endpoint but /health needs."
+        ),
+    ] = None,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", min=1, help="Most requests in one forward pass.")
+    ] = 32,
+    max_tokens: Annotated[
+        int,
+        typer.Option(
+            "--max-tokens", min=1, help="Largest max_tokens a request may ask for (and the default)."
+        ),
+    ] = 2048,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, help="CPU only: torch threads (default: every core but one)."),
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve the base model and adapters: OpenAI-compatible API at /v1, chat page at /."""
+    from doctune.config import DEFAULT_CONFIG_NAME
+
+    has_config = config is not None or Path(DEFAULT_CONFIG_NAME).is_file()
+    cfg = _config(config, sets) if has_config else None
+    _setup_logging(verbose)
+    from doctune.serve.launch import run_server
+
+    run_server(
+        cfg,
+        model=model,
+        adapters=adapters or [],
+        served_model_name=served_model_name,
+        host=host,
+        port=port,
+        api_key_env=api_key_env,
+        max_batch=max_batch,
+        max_tokens=max_tokens,
+        threads=threads,
+    )
+
+
+@app.command("chat")
+def chat_command(
+    model: Annotated[
+        str, typer.Option("--model", help="Base model folder / hub name, or the model's name on --endpoint.")
+    ],
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", help="LoRA adapter folder to chat with (in-process).")
+    ] = None,
+    endpoint: Annotated[
+        str | None, typer.Option("--endpoint", help="OpenAI-compatible server URL ending in /v1.")
+    ] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option("--api-key-env", help="Env var holding the endpoint's API key.")
+    ] = None,
+    system: Annotated[
+        str | None, typer.Option("--system", help="System prompt (default: the adapter's).")
+    ] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1, help="Longest reply.")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", min=0, max=2, help="0: greedy.")] = 0.0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Chat in the terminal with streaming replies: /reset, /system TEXT, /exit."""
+    import contextlib
+
+    if endpoint is not None and adapter is not None:
+        raise DoctuneError("--adapter works in-process only; with --endpoint, name the adapter with --model")
+    _setup_logging(verbose)
+    from doctune.chat import EndpointBackend, LocalBackend, run_chat
+    from doctune.serve.launch import api_key_from_env
+
+    if endpoint is not None:
+        backend = EndpointBackend(endpoint, model, api_key_from_env(api_key_env))
+    else:
+        backend = LocalBackend(model, str(adapter) if adapter is not None else None)
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    try:
+        run_chat(backend, system=system, max_tokens=max_tokens, temperature=temperature)
+    finally:
+        backend.close()
+
+
+@app.command("run")
+def run_pipeline(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    from_stage: Annotated[
+        str | None, typer.Option("--from", help="Start at this stage (and run every stage after it).")
+    ] = None,
+    only: Annotated[str | None, typer.Option("--only", help="Run just this stage.")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Run every selected stage even if nothing changed.")
+    ] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run ingest → generate → curate → finetune → eval, skipping stages whose inputs and config are unchanged."""
+    cfg = _config(config, sets, run_dir=run_dir)
+    _setup_logging(verbose)
+    from doctune import pipeline
+
+    def show(outcome: pipeline.StageOutcome) -> None:
+        if outcome.summary is None:
+            console.print(f"[dim]{outcome.name}: unchanged since its last run, skipped[/]")
+        else:
+            _print_summary(outcome.summary)
+
+    outcomes = pipeline.run(
+        cfg, from_stage=from_stage, only=only, force=force, progress=RichProgress(), on_stage=show
+    )
+    _print_summary(pipeline.overview(cfg, outcomes))
 
 
 def main() -> None:

@@ -173,7 +173,7 @@ HEADLINE_COUNTS: dict[str, list[tuple[str, str]]] = {
     "ingest": [("documents", "documents read"), ("skipped", "files skipped"), ("chunks", "chunks")],
     "generate": [("pairs", "pairs generated"), ("failures", "generation failures")],
     "curate": [("kept", "pairs kept"), ("train", "train pairs"), ("val", "val pairs")],
-    "finetune": [("train_loss", "training loss"), ("eval_loss", "validation loss")],
+    "finetune": [("steps", "training steps")],
 }
 
 
@@ -186,6 +186,7 @@ def overview(cfg: Config, outcomes: list[StageOutcome]) -> Summary:
         for key, label in rows:
             if key in counts:
                 summary.add(label, counts[key])
+    summary.rows += _training_rows(cfg.run_path / "adapter" / "metrics.json")
     summary.rows += _eval_rows(cfg.run_path / "eval" / "summary.json")
     spent = {"prompt": 0, "completion": 0}
     for entry in stages.values():
@@ -204,6 +205,25 @@ def overview(cfg: Config, outcomes: list[StageOutcome]) -> Summary:
     if report.is_file():
         summary.outputs.append(str(report))
     return summary
+
+
+def _training_rows(path: Path) -> list[tuple[str, str]]:
+    """Last training loss and best validation loss / perplexity from adapter/metrics.json."""
+    import json
+
+    if not path.is_file():
+        return []
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    rows = []
+    train_loss = (metrics.get("last") or {}).get("train_loss")
+    if train_loss is not None:
+        rows.append(("training loss (last)", f"{train_loss:.4f}"))
+    best = metrics.get("best") or {}
+    if best.get("eval_loss") is not None:
+        rows.append(
+            ("validation loss (best)", f"{best['eval_loss']:.4f} (perplexity {best['perplexity']:.1f})")
+        )
+    return rows
 
 
 def _eval_rows(path: Path) -> list[tuple[str, str]]:

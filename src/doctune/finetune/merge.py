@@ -1,0 +1,140 @@
+"""`doctune merge`: base model + LoRA adapter → one full model folder (safetensors + tokenizer + chat template),
+loadable by `AutoModelForCausalLM` and any server that does not take adapters. Its greedy outputs equal the base
+model's with the adapter on top.
+
+```python
+merge("runs/x/adapter", "runs/x/merged")          # base model read from the adapter's doctune_finetune.json
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from doctune.errors import DoctuneError, InputError
+from doctune.reporting import NullProgress, Progress, Summary
+from doctune.runs import atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+MERGE_INFO = "doctune_merge.json"
+
+
+def base_model_of(adapter_dir: Path) -> str:
+    """The base model an adapter was trained on: doctune_finetune.json's `base_model`, else adapter_config.json's
+    `base_model_name_or_path`."""
+    info = adapter_dir / "doctune_finetune.json"
+    if info.is_file():
+        base = json.loads(info.read_text(encoding="utf-8")).get("base_model")
+        if base:
+            return str(base)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise InputError(f"{adapter_dir}/adapter_config.json: no base_model_name_or_path; pass --base MODEL")
+    return str(base)
+
+
+def merge(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base: str | None = None,
+    progress: Progress = NullProgress(),
+) -> Summary:
+    """Merge the adapter in `adapter_dir` into its base model (or `base`) and write the result to `out_dir`.
+
+    The weights are merged in float32 and saved in the base model's own dtype. The folder is written beside
+    `out_dir` and renamed into place, so a crash never leaves half a model; an existing `out_dir` is replaced.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    # ---- setup
+    t0 = time.perf_counter()
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise InputError(
+            f"--adapter {adapter_dir}: no adapter_config.json there (give the folder finetune wrote)"
+        )
+    if out_dir.resolve() == adapter_dir.resolve() or adapter_dir.resolve() in out_dir.resolve().parents:
+        raise DoctuneError(f"--out {out_dir}: must not be the adapter folder or inside it")
+    base = base or base_model_of(adapter_dir)
+    progress.start("merge", total=3)
+    try:
+        try:
+            saved_dtype = _declared_dtype(AutoConfig.from_pretrained(base))
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        except OSError as exc:
+            raise InputError(
+                f"base model {base!r}: cannot load ({str(exc).splitlines()[0]}); pass --base with a local folder"
+            ) from None
+        progress.advance(1)
+
+        # ---- run
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        merged = model.merge_and_unload()
+        merged.to(saved_dtype)
+        merged.config.use_cache = True
+        progress.advance(1)
+
+        # ---- write
+        tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
+            staged = Path(tmp) / "model"
+            merged.save_pretrained(staged)
+            tokenizer.save_pretrained(staged)
+            atomic_write_json(
+                staged / MERGE_INFO,
+                {
+                    "base_model": base,
+                    "adapter": str(adapter_dir.resolve()),
+                    "adapter_sha256": sha256_file(adapter_dir / "adapter_model.safetensors"),
+                    "dtype": str(saved_dtype).removeprefix("torch."),
+                    "chat_template_from": str(tokenizer_source),
+                },
+            )
+            _swap_in(staged, out_dir)
+        progress.advance(1)
+    finally:
+        progress.finish()
+    log.info("merged %s into %s: %s", adapter_dir, base, out_dir)
+
+    summary = Summary(title="merge")
+    summary.add("base model", base)
+    summary.add("adapter", str(adapter_dir))
+    summary.add("parameters", sum(p.numel() for p in merged.parameters()))
+    summary.add("dtype", str(saved_dtype).removeprefix("torch."))
+    summary.add("seconds", round(time.perf_counter() - t0, 1))
+    summary.outputs.append(str(out_dir))
+    return summary
+
+
+def _declared_dtype(config: Any) -> Any:
+    """The dtype the base checkpoint declares (config.dtype), float32 when it declares none."""
+    import torch
+
+    declared = getattr(config, "dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if isinstance(declared, torch.dtype) else torch.float32
+
+
+def _swap_in(staged: Path, target: Path) -> None:
+    """Put `staged` at `target`; an existing `target` is removed only after the new folder is in place."""
+    if not target.exists():
+        staged.rename(target)
+        return
+    old = staged.parent / "old"
+    target.rename(old)
+    staged.rename(target)
+    shutil.rmtree(old)
