@@ -6,6 +6,7 @@ alone; tests/e2e runs the real stages.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 
@@ -133,3 +134,25 @@ def test_overview_lists_every_stage_and_the_report(fake_stages, cfg):
     outcomes = pipeline.run(cfg)
     table = dict(pipeline.overview(cfg, outcomes).rows)
     assert {"wall time: ingest", "wall time: generate", "wall time: curate"} <= set(table)
+
+
+def test_an_interrupted_stage_is_told_to_resume_and_new_inputs_start_over(fake_stages, cfg, monkeypatch):
+    seen: list[dict] = []
+
+    def training(cfg, *, progress, **options):
+        seen.append(options)
+        if len(seen) == 1:
+            raise KeyboardInterrupt  # killed mid-training
+        return _stage_fn("curate", "b", "c")(cfg, progress=progress)
+
+    monkeypatch.setattr(sys.modules["fake_stages"], "curate", training)
+    resumable = dataclasses.replace(
+        fake_stages[-1], options=lambda resuming: {"resume": True} if resuming else {"overwrite": True}
+    )
+    monkeypatch.setattr(pipeline, "STAGES", [*fake_stages[:-1], resumable])
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg)
+    pipeline.run(cfg)
+    (cfg.path("data") / "doc.md").write_text("new facts")
+    pipeline.run(cfg)
+    assert seen == [{"overwrite": True}, {"resume": True}, {"overwrite": True}]

@@ -31,6 +31,9 @@ class Stage:
     inputs: Callable[[Config], list[Path]]
     outputs: Callable[[Config], list[Path]]
     sections: Callable[[Config], dict[str, Any]]
+    # keyword arguments of the stage's run(); `resuming`: this stage was started on these same inputs and
+    # config before and did not finish (killed, crashed), so it may continue what it left
+    options: Callable[[bool], dict[str, Any]] = lambda resuming: {}
 
     def fingerprint(self, cfg: Config) -> str:
         files = {str(p): sha256_file(p) for p in self.inputs(cfg) if p.is_file()}
@@ -100,6 +103,8 @@ STAGES: list[Stage] = [
         lambda c: [c.run_path / "train.jsonl", c.run_path / "val.jsonl"],
         lambda c: [c.run_path / "adapter" / "adapter_config.json"],
         lambda c: {"finetune": c.finetune.model_dump(), "model": _model(c, c.finetune.model)},
+        # an interrupted training of the same data continues from its checkpoint; new data starts over
+        lambda resuming: {"resume": True} if resuming else {"overwrite": True},
     ),
     Stage(
         "eval",
@@ -158,9 +163,12 @@ def run(
             outcome = StageOutcome(stage.name, "skipped", 0.0, None)
         else:
             rerun_rest = True
+            started = run_dir.manifest().get("pipeline_started", {}).get(stage.name)
+            resuming = started == fingerprint and not force
+            run_dir.set_manifest("pipeline_started", stage.name, fingerprint)
             t0 = time.perf_counter()
-            summary = stage.load()(cfg, progress=progress)
-            run_dir.set_manifest("pipeline", stage.name, stage.fingerprint(cfg))
+            summary = stage.load()(cfg, progress=progress, **stage.options(resuming))
+            run_dir.set_manifest("pipeline", stage.name, fingerprint)
             outcome = StageOutcome(stage.name, "ran", time.perf_counter() - t0, summary)
         outcomes.append(outcome)
         if on_stage is not None:
