@@ -486,9 +486,7 @@ def run_pipeline(
     from doctune import pipeline
 
     def show(outcome: pipeline.StageOutcome) -> None:
-        if outcome.summary is None:
-            console.print(f"[dim]{outcome.name}: unchanged since its last run, skipped[/]")
-        else:
+        if outcome.summary is not None:  # a skipped stage was logged by the pipeline
             _print_summary(outcome.summary)
 
     outcomes = pipeline.run(

@@ -6,6 +6,8 @@ return a `Summary` (the CLI prints it as a table).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,3 +47,17 @@ class Summary:
 
     def add(self, what: str, value: Any) -> None:
         self.rows.append((what, value))
+
+
+@contextmanager
+def quiet_library_bars() -> Iterator[None]:
+    """Library code does not draw: silence transformers' tqdm bars for the block, then restore them."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

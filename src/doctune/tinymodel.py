@@ -18,14 +18,12 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from doctune.errors import DoctuneError
-from doctune.reporting import Summary
+from doctune.reporting import Summary, quiet_library_bars
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +197,7 @@ def build_tiny_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
         staged = Path(tmp) / "model"
-        with _no_progress_bars():
+        with quiet_library_bars():
             model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
         (staged / "README.md").write_text(_readme(size, seed, n_params, len(tokenizer)), encoding="utf-8")
@@ -218,20 +216,6 @@ def build_tiny_model(
     summary.add("seconds", round(time.perf_counter() - started, 2))
     summary.outputs.append(str(out_dir))
     return summary
-
-
-@contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """Library code does not draw: silence transformers' tqdm bars for the block, then restore them."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _replace_dir(target: Path, staged: Path) -> None:

@@ -23,8 +23,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from typing import Any
 from doctune.config import ModelConfig
 from doctune.errors import LLMError
 from doctune.llm.base import Completion, RequestFailed
+from doctune.reporting import quiet_library_bars
 from doctune.runs import sha256_file, sha256_text
 
 log = logging.getLogger(__name__)
@@ -353,7 +352,7 @@ def _load_model(model_path: str, adapter: Path | None, cfg: ModelConfig) -> _Loa
     source = str(local) if local.is_dir() else model_path
     tokenizer_source = str(adapter) if adapter and (adapter / "tokenizer_config.json").is_file() else source
     try:
-        with _no_progress_bars():
+        with quiet_library_bars():
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map={"": device})
             if adapter is not None:
@@ -414,17 +413,3 @@ def _looks_like_path(value: str) -> bool:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:300]
-
-
-@contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """Library code does not draw: silence transformers' tqdm bars for the block, then restore them."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
