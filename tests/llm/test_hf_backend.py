@@ -215,6 +215,18 @@ def test_sampled_constrained_strings_keep_their_pattern_after_decoding(llm):
             assert re.fullmatch(pattern[1:-1], text) and "\ufffd" not in text, repr(text)
 
 
+def test_sampled_replies_are_the_same_on_every_run(tiny_model_dir):
+    conversations = [[{"role": "user", "content": f"Tell me about vaults {i}."}] for i in range(4)]
+    replies = []
+    for _ in range(2):
+        fresh = backend(tiny_model_dir)
+        replies.append([r.text for r in gather(fresh, conversations, max_tokens=12, temperature=1.0)])
+        run(fresh.aclose())
+    assert replies[0] == replies[1]
+    greedy = [r.text for r in gather(backend(tiny_model_dir), conversations, max_tokens=12)]
+    assert replies[0] != greedy  # it did sample
+
+
 def test_generation_safe_schema_bounds_strings_and_arrays():
     safe = generation_safe_schema(
         {

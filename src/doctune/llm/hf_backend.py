@@ -247,9 +247,12 @@ def generate_batch(
             return [failure if r is None else r for r in results]
 
     input_ids, attention_mask = left_pad([prompts[i] for i in rows], loaded.pad_id, loaded.device)
+    # Sampling is seeded from the batch's prompts: the same requests give the same replies on every run.
+    seed = int(sha256_text(repr(input_ids.tolist()))[:8], 16)
     started = time.perf_counter()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
             output = loaded.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     except Exception as exc:  # reported per request; the model has no per-call state left (module docstring)
         log.warning("hf backend: generate() failed for a batch of %d: %s", len(rows), _one_line(exc))
