@@ -28,10 +28,9 @@ SCORE_KEY = "score_prompt_template"
 YESNO_KEY = "curation_prompt_template"
 USER_KEY = "curation_user_template"
 MAX_TOKENS = 512
-# A reason that in-process constrained decoding can always close: no control characters, quotes or backslashes
-# (the reply stays strict JSON), at most 300 characters, written as 3 x 100 since xgrammar 0.2.8 cannot compile
-# a repetition bound above 128.
-SAFE_REASON_PATTERN = text_pattern(300)
+# In-process judges write the reason under this pattern. 120 characters fit the judge's max_tokens even when
+# every character takes 4 byte-level tokens (a weak model writes rare 4-byte characters).
+SAFE_REASON_PATTERN = text_pattern(120)
 
 
 def reply_schema(mode: str, *, bounded_strings: bool = False) -> dict[str, Any]:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 JudgeMode = Literal["score", "yesno"]
 JUDGE_MAX_TOKENS = 512
-MAX_REASON_CHARS = 400
+MAX_REASON_CHARS = 120  # in-process judges: fits JUDGE_MAX_TOKENS even at 4 byte-level tokens a character
 
 
 def reply_schema(
