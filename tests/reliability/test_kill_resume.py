@@ -1,6 +1,6 @@
-"""SIGKILL `doctune curate` and `doctune eval` at random points, run them again: the rerun completes, its
-outputs equal an uninterrupted run's, no output file is left truncated, and the cache survives.
-(generate and finetune have their own kill tests in tests/test_generate.py and tests/finetune.)"""
+"""SIGKILL `doctune generate`, `doctune curate` and `doctune eval` at random points (two seeds each), run them
+again: the rerun completes, its outputs equal an uninterrupted run's, no output file is left truncated, and
+the cache survives. (finetune has its own kill test in tests/finetune/test_cli_runs.py.)"""
 
 from __future__ import annotations
 
@@ -34,12 +34,16 @@ PAIRS = [
 ]
 EVAL = [{"question": f"Which port does relay {i} use?", "answer": f"Port {7300 + i}."} for i in range(16)]
 OUTPUTS = {
+    "generate": ["qa_raw.jsonl", "generate_failures.jsonl"],
     "curate": ["qa_curated.jsonl", "qa_rejected.jsonl", "data.json", "train.jsonl", "val.jsonl"],
     "eval": ["eval/results.jsonl", "eval/summary.json", "eval/report.md"],
 }
 
 
 def reply(request: dict) -> str | dict:
+    if request["model"] == "teacher-m":
+        fact = request["messages"][-1]["content"]
+        return {"pairs": [{"question": f"What does this say: {fact[:30]}?", "answer": fact}]}
     if request["model"] == "judge-m":
         text = request["messages"][-1]["content"]
         return {"reason": "Checked.", "score": 3 + len(text) % 3}
@@ -51,11 +55,12 @@ def make_run(folder: Path, url: str) -> Path:
     raw = {
         "run_dir": "run",
         "models": {
+            "teacher": {**remote, "model": "teacher-m"},
             "judge": {**remote, "model": "judge-m"},
             "a": {**remote, "model": "answer-a"},
             "student": {"backend": "hf", "model": "unused"},
         },
-        "generate": {"model": "judge"},
+        "generate": {"total_questions": len(PAIRS)},
         "curate": {"val_fraction": 0.25},
         "finetune": {"model": "student"},
         "eval": {"eval_set": "eval.json", "similarity": False, "candidates": {"a": {"model": "a"}}},
@@ -64,6 +69,12 @@ def make_run(folder: Path, url: str) -> Path:
     (folder / "doctune.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     (folder / "eval.json").write_text(json.dumps(EVAL), encoding="utf-8")
     atomic_write_jsonl(folder / "run" / "qa_raw.jsonl", PAIRS)
+    chunks = [
+        {"chunk_id": f"k{i:02d}", "doc": "relays.md", "doc_sha256": "0" * 64, "pages": None, "char_start": 0}
+        | {"char_end": len(p["context"]), "n_tokens": 20, "text": p["context"]}
+        for i, p in enumerate(PAIRS)
+    ]
+    atomic_write_jsonl(folder / "run" / "chunks.jsonl", chunks)
     return folder / "doctune.yaml"
 
 
@@ -80,9 +91,9 @@ def snapshot(folder: Path, stage: str) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["curate", "eval"])
+@pytest.mark.parametrize("stage", ["generate", "curate", "eval"])
 def test_killed_stage_reruns_to_the_same_outputs(tmp_path, stage):
-    with FakeOpenAIServer(reply=reply, models=["judge-m", "answer-a"], latency=0.3) as srv:
+    with FakeOpenAIServer(reply=reply, models=["teacher-m", "judge-m", "answer-a"], latency=0.3) as srv:
         reference = make_run(tmp_path / "reference", srv.base_url)
         subprocess.run(command(stage, reference), check=True, capture_output=True, timeout=300)
         expected = snapshot(tmp_path / "reference", stage)
