@@ -168,8 +168,10 @@ def run(
             run_dir.set_manifest("pipeline_started", stage.name, fingerprint)
             t0 = time.perf_counter()
             summary = stage.load()(cfg, progress=progress, **stage.options(resuming))
+            seconds = time.perf_counter() - t0
+            run_dir.set_manifest("pipeline_seconds", stage.name, round(seconds, 1))
             run_dir.set_manifest("pipeline", stage.name, fingerprint)
-            outcome = StageOutcome(stage.name, "ran", time.perf_counter() - t0, summary)
+            outcome = StageOutcome(stage.name, "ran", seconds, summary)
         outcomes.append(outcome)
         if on_stage is not None:
             on_stage(outcome)
@@ -187,7 +189,8 @@ HEADLINE_COUNTS: dict[str, list[tuple[str, str]]] = {
 
 def overview(cfg: Config, outcomes: list[StageOutcome]) -> Summary:
     """One table for the whole run: headline counts per stage, eval metrics, tokens, wall time per stage."""
-    stages = RunDir(cfg.run_path).manifest().get("stages", {})
+    manifest = RunDir(cfg.run_path).manifest()
+    stages = manifest.get("stages", {})
     summary = Summary(title=f"doctune run: {cfg.run_path}")
     for stage, rows in HEADLINE_COUNTS.items():
         counts = stages.get(stage, {}).get("counts", {})
@@ -206,7 +209,7 @@ def overview(cfg: Config, outcomes: list[StageOutcome]) -> Summary:
                     spent[kind] += int(value or 0)
     summary.add("LLM tokens (prompt / completion)", f"{spent['prompt']:,} / {spent['completion']:,}")
     for outcome in outcomes:
-        recorded = stages.get(outcome.name, {}).get("wall_time_s")
+        recorded = manifest.get("pipeline_seconds", {}).get(outcome.name, "?")
         took = f"{outcome.seconds:.1f} s" if outcome.status == "ran" else f"skipped (last run {recorded} s)"
         summary.add(f"wall time: {outcome.name}", took)
     report = cfg.run_path / "eval" / "report.html"

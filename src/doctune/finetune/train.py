@@ -683,7 +683,7 @@ def _write_outputs(
     }
     atomic_write_json(out / INFO_FILE, info)
 
-    rec = StageRecord(stage="finetune")
+    rec = StageRecord(stage="finetune", _t0=time.perf_counter() - wall_s)  # the whole stage, not this step
     rec.add_input(train.path, "train.jsonl")
     if val.path.is_file():
         rec.add_input(val.path, "val.jsonl")

@@ -62,16 +62,13 @@ def run(cfg: Config, *, progress: Progress = NullProgress(), pdf_workers: int | 
         raise InputError(f"data.dir: {data_dir} is not a folder (set data.dir or pass --data-dir)")
     if run_dir.path.resolve() == data_dir.resolve():
         raise ConfigError([f"run_dir: {run_dir.path} is the data folder; give the run its own folder"])
+    record = StageRecord("ingest", config={"data": cfg.data.model_dump(), "run_dir": str(run_dir.path)})
     counter = counter_for(cfg)
     chunker = Chunker(counter, cfg.data.chunk_tokens, cfg.data.chunk_overlap)
     entries = walk(data_dir, exclude=run_dir.path)
     pdfs = [e.path for e in entries if e.skip is None and reader_for(e.path) is read_pdf]
     workers = _pdf_workers(pdf_workers, pdfs)
-    record = StageRecord(
-        "ingest",
-        config={"data": cfg.data.model_dump(), "run_dir": str(run_dir.path)},
-        notes={"counter": counter.name, "page_separator": PAGE_SEPARATOR, "pdf_workers": workers},
-    )
+    record.notes = {"counter": counter.name, "page_separator": PAGE_SEPARATOR, "pdf_workers": workers}
     log.info("ingest: %d file(s) under %s, tokens counted with %s", len(entries), data_dir, counter.name)
 
     # ---- run
