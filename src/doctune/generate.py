@@ -24,7 +24,7 @@ from typing import Any
 
 from doctune.config import Config
 from doctune.errors import FailureRateError, InputError
-from doctune.llm.base import LLM, Completion, RequestFailed
+from doctune.llm.base import LLM, Completion, RequestFailed, Usage
 from doctune.llm.cache import CachedLLM
 from doctune.llm.structured import ReplyParseError, parse_json_reply, text_pattern, validate
 from doctune.prompts import fill, load_prompts
@@ -280,18 +280,13 @@ async def ask(
 
 
 @dataclass
-class Tally:
+class Tally(Usage):
     """Running totals, shown on the progress bar and kept in the manifest."""
 
-    cached: int = 0
     pairs: int = 0
     no_answer: int = 0
     unparseable: int = 0
     empty: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prompt_tokens_cached: int = 0
-    completion_tokens_cached: int = 0
 
     def add(self, outcome: Outcome) -> None:
         self.pairs += len(outcome.rows)
@@ -299,14 +294,7 @@ class Tally:
         self.no_answer += kind == "request"
         self.unparseable += kind == "parse"
         self.empty += kind == "empty"
-        reply = outcome.completion
-        if reply is not None:
-            self.prompt_tokens += reply.prompt_tokens
-            self.completion_tokens += reply.completion_tokens
-            if reply.cached:
-                self.cached += 1
-                self.prompt_tokens_cached += reply.prompt_tokens
-                self.completion_tokens_cached += reply.completion_tokens
+        self.add_reply(outcome.completion)
 
     @property
     def failed(self) -> int:
@@ -319,16 +307,6 @@ class Tally:
             "tok_in": self.prompt_tokens,
             "tok_out": self.completion_tokens,
             "failed": self.failed,
-        }
-
-    def tokens(self) -> dict[str, int]:
-        return {
-            "prompt": self.prompt_tokens,
-            "completion": self.completion_tokens,
-            "prompt_cached": self.prompt_tokens_cached,
-            "completion_cached": self.completion_tokens_cached,
-            "prompt_sent": self.prompt_tokens - self.prompt_tokens_cached,
-            "completion_sent": self.completion_tokens - self.completion_tokens_cached,
         }
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from doctune.llm.base import LLM, Completion, RequestFailed
+from doctune.llm.base import LLM, Completion, RequestFailed, Usage
 from doctune.llm.structured import ReplyParseError, parse_json_reply, text_pattern
 from doctune.prompts import fill
 from doctune.reporting import Progress
@@ -167,40 +167,18 @@ class Judge:
 
 
 @dataclass
-class JudgeTally:
+class JudgeTally(Usage):
     """Running totals of the judge's requests (progress bar, manifest, report)."""
 
     requests: int = 0
-    cached: int = 0
     passed: int = 0
     errors: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prompt_tokens_cached: int = 0
-    completion_tokens_cached: int = 0
 
     def add(self, verdict: Verdict) -> None:
         self.requests += 1
         self.passed += verdict.passed is True
         self.errors += verdict.passed is None
-        reply = verdict.completion
-        if reply is not None:
-            self.prompt_tokens += reply.prompt_tokens
-            self.completion_tokens += reply.completion_tokens
-            if reply.cached:
-                self.cached += 1
-                self.prompt_tokens_cached += reply.prompt_tokens
-                self.completion_tokens_cached += reply.completion_tokens
-
-    def tokens(self) -> dict[str, int]:
-        return {
-            "prompt": self.prompt_tokens,
-            "completion": self.completion_tokens,
-            "prompt_cached": self.prompt_tokens_cached,
-            "completion_cached": self.completion_tokens_cached,
-            "prompt_sent": self.prompt_tokens - self.prompt_tokens_cached,
-            "completion_sent": self.completion_tokens - self.completion_tokens_cached,
-        }
+        self.add_reply(verdict.completion)
 
 
 async def judge_all(

@@ -27,6 +27,38 @@ class Completion:
     cached: bool = False
 
 
+@dataclass
+class Usage:
+    """Token totals of a stage's LLM replies, split into those answered from the cache and those sent."""
+
+    cached: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tokens_cached: int = 0
+    completion_tokens_cached: int = 0
+
+    def add_reply(self, reply: Completion | None) -> None:
+        if reply is None:
+            return
+        self.prompt_tokens += reply.prompt_tokens
+        self.completion_tokens += reply.completion_tokens
+        if reply.cached:
+            self.cached += 1
+            self.prompt_tokens_cached += reply.prompt_tokens
+            self.completion_tokens_cached += reply.completion_tokens
+
+    def tokens(self) -> dict[str, int]:
+        """What manifest.json records under `tokens`."""
+        return {
+            "prompt": self.prompt_tokens,
+            "completion": self.completion_tokens,
+            "prompt_cached": self.prompt_tokens_cached,
+            "completion_cached": self.completion_tokens_cached,
+            "prompt_sent": self.prompt_tokens - self.prompt_tokens_cached,
+            "completion_sent": self.completion_tokens - self.completion_tokens_cached,
+        }
+
+
 class RequestFailed(Exception):
     """One request could not be answered (after retries). `reason` is one line; `status` the HTTP code if any."""
 
