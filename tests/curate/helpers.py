@@ -7,8 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.support.fake_llm import ScriptedLLM
+
 from doctune.config import Config, build_config
-from doctune.llm.base import Completion, RequestFailed
+from doctune.llm.base import RequestFailed
 from doctune.runs import atomic_write_jsonl
 
 
@@ -20,33 +22,11 @@ def field_of(messages: list[dict[str, Any]], name: str) -> str:
     return match.group(1)
 
 
-class FakeJudge:
-    """Implements doctune.llm.base.LLM; `reply(messages)` gives the text (or raises RequestFailed)."""
+class FakeJudge(ScriptedLLM):
+    """A protocol-level judge: `reply(messages)` gives the text (or raises RequestFailed)."""
 
     def __init__(self, reply: Callable[[list[dict[str, Any]]], str], name: str = "fake-judge"):
-        self.name = name
-        self.reply = reply
-        self.calls: list[dict[str, Any]] = []
-        self.closed = False
-
-    async def chat(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        max_tokens: int,
-        temperature: float = 0.0,
-        json_schema: dict[str, Any] | None = None,
-        stop: list[str] | None = None,
-    ) -> Completion:
-        self.calls.append({"messages": messages, "max_tokens": max_tokens, "json_schema": json_schema})
-        text = self.reply(messages)
-        return Completion(text=text, prompt_tokens=100, completion_tokens=20, finish_reason="stop")
-
-    async def preflight(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        self.closed = True
+        super().__init__(reply, name, prompt_tokens=100, completion_tokens=20)
 
     def questions(self) -> list[str]:
         return [field_of(c["messages"], "Question") for c in self.calls]

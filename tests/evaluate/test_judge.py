@@ -2,13 +2,12 @@ import asyncio
 import json
 
 import pytest
+from tests.support.fake_llm import ScriptedLLM
 
 from doctune.evaluate.judge import Judge, parse_score, reply_schema
 from doctune.llm.base import LLM, RequestFailed
 from doctune.llm.structured import validate
 from doctune.prompts import load_prompts
-
-from .fakes import ScriptedLLM
 
 PROMPTS = load_prompts("eval")
 
