@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -13,6 +15,38 @@ import pytest
 from .helpers import ADAPTER_SYSTEM_PROMPT, LONG_ANSWER_FORMAT, wait_idle
 
 HI = [{"role": "user", "content": "What is in the handbook?"}]
+# Where a server's errors end up: uvicorn's loggers do not propagate to the root (so caplog misses them), asyncio
+# logs "Task exception was never retrieved", the app logs through doctune.*.
+SERVER_LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.asgi", "asyncio")
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))  # with the traceback, when the record has one
+
+
+@pytest.fixture()
+def server_log() -> Iterator[_Lines]:
+    """Everything the in-process server logs while the test runs, tracebacks included."""
+    handler = _Lines()
+    for name in SERVER_LOGGERS:
+        logging.getLogger(name).addHandler(handler)
+    try:
+        yield handler
+    finally:
+        for name in SERVER_LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
+
+
+def assert_no_traceback(log: _Lines) -> None:
+    time.sleep(0.5)  # the handler of a request whose client left ends a moment after the engine lets go of it
+    text = "\n".join(log.lines)
+    assert "Traceback" not in text and "InvalidStateError" not in text and " ERROR " not in text, text
 
 
 def test_models_lists_the_base_and_each_adapter(client):
@@ -186,7 +220,7 @@ def test_raw_bad_bodies_get_400(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, engine):
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, engine, server_log):
     wait_idle(engine)
     cancelled_before = engine.stats["cancelled"]
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
@@ -211,9 +245,10 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, engine):
         time.sleep(0.01)
     assert engine.pending() == 0
     assert engine.stats["cancelled"] == cancelled_before + 1
+    assert_no_traceback(server_log)  # and the server logged no error for the client that left
 
 
-def test_a_client_that_disconnects_while_waiting_frees_its_slot(server, engine):
+def test_a_client_that_disconnects_while_waiting_frees_its_slot(server, engine, server_log):
     wait_idle(engine)
     cancelled_before = engine.stats["cancelled"]
     body = {"model": "tiny", "messages": HI, "max_tokens": 3000, "response_format": LONG_ANSWER_FORMAT}
@@ -225,6 +260,7 @@ def test_a_client_that_disconnects_while_waiting_frees_its_slot(server, engine):
         time.sleep(0.01)
     assert engine.pending() == 0  # 2000+ tokens were asked for; the request stopped when its client left
     assert engine.stats["cancelled"] == cancelled_before + 1
+    assert_no_traceback(server_log)  # no "InvalidStateError: Result is not set" on a client that leaves
 
 
 @pytest.mark.slow

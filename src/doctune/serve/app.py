@@ -184,6 +184,9 @@ async def _complete(request: Request, events: AsyncEvents, cid: str, created: in
         if not answer.done():
             events.cancel()
             answer.cancel()
+        # A cancelled task is cancelled only once the loop runs it again: wait for both to end (asyncio.wait
+        # never raises their outcome), so answer.result() below never meets a task that is still running.
+        await asyncio.wait({answer, watcher})
     if answer.cancelled():
         return Response(status_code=499)
     text, end = answer.result()
