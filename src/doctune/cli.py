@@ -134,7 +134,13 @@ def init(
     from doctune.config import DEFAULT_CONFIG_NAME, default_config_yaml
     from doctune.runs import atomic_write_text
 
+    if directory.exists() and not directory.is_dir():
+        raise DoctuneError(
+            f"{directory}: is a file, not a folder (give the folder to write doctune.yaml into)"
+        )
     target = directory / DEFAULT_CONFIG_NAME
+    if target.is_dir():
+        raise DoctuneError(f"{target}: is a folder; move it away or init another folder")
     if target.exists() and not force:
         raise DoctuneError(f"{target}: already exists (use --force to overwrite)")
     atomic_write_text(target, default_config_yaml())
@@ -495,25 +501,76 @@ def run_pipeline(
     _print_summary(pipeline.overview(cfg, outcomes))
 
 
-def main() -> None:
-    """Entry point: DoctuneError → one line on stderr and its exit code; Ctrl-C → exit 130."""
+def _usage_error_types() -> tuple[type[Exception], ...]:
+    """Click's exception classes: Typer >= 0.29 raises its vendored copy (`typer._click`), older Typer click's."""
+    found: list[type[Exception]] = []
     try:
-        app(standalone_mode=False)
+        from typer._click.exceptions import ClickException as VendoredClickException
+
+        found.append(VendoredClickException)
+    except ImportError:
+        pass
+    try:
+        from click.exceptions import ClickException
+
+        found.append(ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+def _exit_types() -> tuple[type[Exception], ...]:
+    found: list[type[Exception]] = [typer.Exit, typer.Abort]
+    try:
+        from click.exceptions import Abort, Exit
+
+        found += [Exit, Abort]
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+def interrupted_hint(argv: list[str]) -> str:
+    """What to tell a user after Ctrl-C: every stage resumes when run again; `finetune` needs --resume.
+
+    >>> interrupted_hint(["finetune", "-c", "x.yaml"])
+    'interrupted: run the same command again with --resume to continue from the last checkpoint'
+    """
+    if "finetune" in argv and "--resume" not in argv:
+        return "interrupted: run the same command again with --resume to continue from the last checkpoint"
+    return "interrupted: run the same command again to resume"
+
+
+def _interrupted() -> None:
+    console.print(interrupted_hint(sys.argv[1:]), highlight=False, markup=False, soft_wrap=True)
+    sys.exit(130)
+
+
+def main() -> None:
+    """Entry point: usage errors → click's usage line + one error line, exit 2; DoctuneError → one line on
+    stderr and its exit code; Ctrl-C → exit 130 and how to resume. No traceback reaches the user."""
+    try:
+        code = app(standalone_mode=False)  # Typer turns Ctrl-C inside a command into `return 130`
     except DoctuneError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        console.print("interrupted: run the same command again to continue where it stopped")
-        sys.exit(130)
-    except (typer.Exit, typer.Abort) as exc:
-        sys.exit(getattr(exc, "exit_code", 1))
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        _interrupted()
+    except _usage_error_types() as exc:
+        exc.show()  # type: ignore[attr-defined]
+        sys.exit(getattr(exc, "exit_code", 2))
+    except _exit_types() as exc:
+        code = getattr(exc, "exit_code", 1)
+    except (
+        OSError
+    ) as exc:  # a file or folder the OS refused (permissions, a file where a folder must be, ...)
+        where = f": {exc.filename}" if exc.filename else ""
+        message = escape((exc.strerror or str(exc)) + where)
+        console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    if code == 130:
+        _interrupted()
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

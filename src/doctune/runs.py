@@ -18,9 +18,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from doctune.errors import InputError
+from doctune.errors import DoctuneError, InputError
 
 MANIFEST = "manifest.json"
+OUTPUT_MARKER = ".doctune-output"  # in every folder doctune writes as a whole (model, adapter, export)
 TRACKED_PACKAGES = ("doctune", "torch", "transformers", "peft", "trl", "accelerate", "openai", "xgrammar")
 
 
@@ -48,14 +49,51 @@ def sha256_json(value: Any) -> str:
     return sha256_text(json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
 
 
+def _read_umask() -> int:
+    """The process umask (os.umask can only be read by setting it, so set it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def make_dir(path: str | Path) -> Path:
+    """`mkdir -p path`; a file in the way or a folder that may not be written is a one-line DoctuneError."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
+        raise DoctuneError(
+            f"{path}: cannot create this folder, {blocker} is a file (choose another path)"
+        ) from None
+    except PermissionError:
+        raise DoctuneError(
+            f"{path}: cannot create this folder (permission denied; choose another path)"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DoctuneError(
+            f"{path}: this folder is not writable (fix its permissions or choose another path)"
+        )
+    return path
+
+
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "w") -> Iterator[Any]:
-    """Open a temp file beside `path`; on success fsync and rename it over `path`, on error remove it."""
+    """Open a temp file beside `path`; on success fsync and rename it over `path`, on error remove it.
+    The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise DoctuneError(
+            f"{path}: is a folder, cannot write a file there (move it away or choose another path)"
+        )
+    make_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     binary = "b" in mode
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode, **({} if binary else {"encoding": "utf-8", "newline": "\n"})) as f:
             yield f
             f.flush()
@@ -73,6 +111,66 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_dir(
+    path: str | Path,
+    option: str,
+    *,
+    keep: Iterable[str | Path] = (),
+    not_inside: Iterable[str | Path] = (),
+    ours: Iterable[str] = (),
+) -> Path:
+    """Check that doctune may write `path` as a whole output folder (create it, or replace it whole).
+
+    Allowed: a missing path, an empty folder, or a folder doctune wrote (it holds OUTPUT_MARKER, or one of the
+    file names in `ours` that only doctune writes). Refused with a one-line DoctuneError naming `option`: a file;
+    the current folder or a folder above it; a path in `keep` (run dir, config file, adapter, ...) or a folder
+    above one; a path inside a folder of `not_inside` (the data folder); a non-empty folder doctune did not write.
+    """
+    path = Path(path)
+    where = path.resolve()
+    if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
+        raise DoctuneError(
+            f"{option} {path}: is the current folder or above it; give a new folder for the output"
+        )
+    for kept in map(Path, keep):
+        if _is_within(kept.resolve(), where):
+            raise DoctuneError(
+                f"{option} {path}: would replace {kept}, which doctune must keep; give a new folder for the output"
+            )
+    for folder in map(Path, not_inside):
+        if _is_within(where, folder.resolve()):
+            raise DoctuneError(
+                f"{option} {path}: is inside {folder}, the documents folder (the next ingest would read it); "
+                "give a folder outside it"
+            )
+    if path.exists() and not path.is_dir():
+        raise DoctuneError(f"{option} {path}: is a file, not a folder; give a new folder for the output")
+    if path.is_dir() and any(path.iterdir()) and not is_doctune_output(path, ours):
+        raise DoctuneError(
+            f"{option} {path}: is a folder doctune did not write and is not empty, so it is not replaced; "
+            "give a new or empty folder"
+        )
+    return path
+
+
+def is_doctune_output(path: str | Path, ours: Iterable[str] = ()) -> bool:
+    """Whether `path` is a folder doctune wrote as a whole (it holds OUTPUT_MARKER or an entry named in `ours`)."""
+    path = Path(path)
+    return any((path / name).exists() for name in (OUTPUT_MARKER, *ours))
+
+
+def mark_output_dir(path: str | Path, command: str) -> None:
+    """Write OUTPUT_MARKER into `path`: doctune wrote this folder and may replace it."""
+    atomic_write_text(
+        Path(path) / OUTPUT_MARKER,
+        f"written by `doctune {command}`; doctune may replace this whole folder when asked to write it again\n",
+    )
 
 
 def dumps_row(row: dict[str, Any]) -> str:
@@ -162,8 +260,7 @@ class RunDir:
         return self.path / name
 
     def ensure(self) -> Path:
-        self.path.mkdir(parents=True, exist_ok=True)
-        return self.path
+        return make_dir(self.path)
 
     def manifest(self) -> dict[str, Any]:
         path = self.path / MANIFEST

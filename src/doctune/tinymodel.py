@@ -24,6 +24,7 @@ from typing import Any
 
 from doctune.errors import DoctuneError
 from doctune.reporting import Summary, quiet_library_bars
+from doctune.runs import check_output_dir, make_dir, mark_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -181,26 +182,28 @@ def build_tiny_model(
     """Write a random-weight Llama + BPE tokenizer + chat template into `out_dir`, loadable with the Auto classes.
 
     The folder is written next to `out_dir` first and renamed into place, so a crash never leaves half a model;
-    an existing `out_dir` is replaced.
+    an existing `out_dir` is replaced only when doctune wrote it (runs.check_output_dir), else refused.
     """
     if size not in SIZES:
         raise DoctuneError(f"--size {size!r}: unknown model size (choose one of: {', '.join(SIZES)})")
     shape = SIZES[size]
     started = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir, "tiny-model", keep=[corpus] if corpus else [])
     texts = read_corpus(corpus)
 
     tokenizer = train_tokenizer(texts, shape["vocab"])
     model = build_model(shape, tokenizer, seed)
     n_params = sum(p.numel() for p in model.parameters())
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir.parent)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
         staged = Path(tmp) / "model"
         with quiet_library_bars():
             model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
         (staged / "README.md").write_text(_readme(size, seed, n_params, len(tokenizer)), encoding="utf-8")
+        mark_output_dir(staged, "tiny-model")
+        check_output_dir(out_dir, "tiny-model")  # again: it may have changed meanwhile
         if out_dir.exists():
             _replace_dir(out_dir, staged)
         else:

@@ -19,7 +19,7 @@ from typing import Any
 
 from doctune.errors import DoctuneError, InputError
 from doctune.reporting import NullProgress, Progress, Summary
-from doctune.runs import atomic_write_json, sha256_file
+from doctune.runs import atomic_write_json, check_output_dir, mark_output_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,9 @@ def merge(
     """Merge the adapter in `adapter_dir` into its base model (or `base`) and write the result to `out_dir`.
 
     The weights are merged in float32 and saved in the base model's own dtype. The folder is written beside
-    `out_dir` and renamed into place, so a crash never leaves half a model; an existing `out_dir` is replaced.
+    `out_dir` and renamed into place, so a crash never leaves half a model; an existing `out_dir` is replaced only
+    when doctune wrote it (runs.check_output_dir), else refused before anything is loaded.
     """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     # ---- setup
     t0 = time.perf_counter()
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -66,6 +63,11 @@ def merge(
         )
     if out_dir.resolve() == adapter_dir.resolve() or adapter_dir.resolve() in out_dir.resolve().parents:
         raise DoctuneError(f"--out {out_dir}: must not be the adapter folder or inside it")
+    check_output_dir(out_dir, "--out", keep=[adapter_dir], ours=[MERGE_INFO])
+    import torch  # after the checks: a wrong path is reported at once
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     base = base or base_model_of(adapter_dir)
     progress.start("merge", total=3)
     try:
@@ -103,6 +105,10 @@ def merge(
                     "chat_template_from": str(tokenizer_source),
                 },
             )
+            mark_output_dir(staged, "merge")
+            check_output_dir(
+                out_dir, "--out", keep=[adapter_dir], ours=[MERGE_INFO]
+            )  # again: it may have changed meanwhile
             _swap_in(staged, out_dir)
         progress.advance(1)
     finally:

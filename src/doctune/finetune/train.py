@@ -39,7 +39,15 @@ from doctune.errors import ConfigError, DoctuneError, InputError
 from doctune.finetune import data
 from doctune.finetune.launch import DistInfo, dist_info
 from doctune.reporting import NullProgress, Progress, Summary
-from doctune.runs import RunDir, StageRecord, atomic_write_json, sha256_file
+from doctune.runs import (
+    RunDir,
+    StageRecord,
+    atomic_write_json,
+    check_output_dir,
+    make_dir,
+    mark_output_dir,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +84,10 @@ def detect_hardware() -> Hardware:
     )
 
 
+# transformers' report_to integrations that doctune's users may name, and "none"
+KNOWN_REPORTERS = ("none", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "trackio", "swanlab")
+
+
 def settings_problems(fcfg: FinetuneConfig, hw: Hardware) -> list[str]:
     """One line per finetune setting this machine cannot honour (nothing is silently replaced)."""
     problems = []
@@ -104,6 +116,9 @@ def settings_problems(fcfg: FinetuneConfig, hw: Hardware) -> list[str]:
         if name not in ("none", "tensorboard") and importlib.util.find_spec(name) is None:
             problems.append(
                 f"finetune.report_to: {name!r} is not installed (`pip install {name}`) or remove it"
+                if name in KNOWN_REPORTERS
+                else f"finetune.report_to: {name!r} is not a logger doctune knows (allowed: "
+                f"{', '.join(KNOWN_REPORTERS)})"
             )
     return problems
 
@@ -458,11 +473,20 @@ def run(
     from_adapter = Path(from_adapter) if from_adapter is not None else None
     dist = dist_info()
     hw = preflight(cfg)
+    check_output_dir(
+        out,
+        "--output-dir",
+        keep=[cfg.base_dir, *([from_adapter] if from_adapter else [])],
+        not_inside=[cfg.path(cfg.data.dir)],
+        ours=[INFO_FILE, CHECKPOINTS_DIR],
+    )
     checkpoint = _resume_point(out, resume, overwrite, from_adapter)
     if from_adapter is not None and not (from_adapter / "adapter_config.json").is_file():
         raise InputError(
             f"--from-adapter {from_adapter}: no adapter_config.json there (give an adapter folder)"
         )
+    if dist.is_main:
+        mark_output_dir(make_dir(out), "finetune")
     source = cfg.model_source(model_cfg.model)
     if model_cfg.adapter is not None:
         log.warning(
