@@ -284,6 +284,7 @@ class Tally(Usage):
     """Running totals, shown on the progress bar and kept in the manifest."""
 
     pairs: int = 0
+    coalesced: int = 0  # of `cached`: answered by an identical request in flight, not from the cache file
     no_answer: int = 0
     unparseable: int = 0
     empty: int = 0
@@ -425,6 +426,8 @@ def run(
         )
     )
     seconds = time.perf_counter() - t0
+    # answers shared with an identical request in flight (identical chunks): cached replies, but not from disk
+    tally.coalesced = llm.cache.coalesced if isinstance(llm, CachedLLM) and llm.cache is not None else 0
 
     rows = [row for o in outcomes for row in o.rows]
     failures = [o.failure for o in outcomes if o.failure is not None]
@@ -434,7 +437,8 @@ def run(
         "chunks": len(chunks),
         "questions_asked": sum(counts),
         "requests": len(requests),
-        "requests_cached": tally.cached,
+        "requests_cached": tally.cached - tally.coalesced,
+        "requests_coalesced": tally.coalesced,
         "pairs": len(rows),
         "failures": len(failures),
         "failed": tally.failed,
@@ -461,7 +465,8 @@ def _summary(run_dir: RunDir, chunks: list, requests: list[Request], tally: Tall
     summary = Summary("generate")
     summary.add("chunks", len(chunks))
     summary.add("requests", len(requests))
-    summary.add("  answered from cache", tally.cached)
+    summary.add("  answered from cache", tally.cached - tally.coalesced)
+    summary.add("  shared with an identical request", tally.coalesced)
     summary.add("pairs", tally.pairs)
     summary.add("failed: no answer", tally.no_answer)
     summary.add("failed: reply not JSON", tally.unparseable)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import doctest
+import json
 import logging
 import os
 import signal
@@ -215,3 +216,141 @@ def test_the_api_key_is_in_no_file_and_no_log(tmp_path, monkeypatch, caplog):
     for f in files:
         assert SECRET.encode() not in f.read_bytes(), f
     assert caplog.text and SECRET not in caplog.text
+
+
+# ------------------------------------------------------------------------------ identical requests in flight
+
+
+class CountingLLM:
+    """A backend that answers after `delay` seconds and counts its calls; `fail` makes every call fail."""
+
+    name = "counting"
+
+    def __init__(self, delay: float = 0.2, fail: bool = False):
+        self.delay = delay
+        self.fail = fail
+        self.calls = 0
+        self.finished = 0
+
+    async def chat(self, messages: list[dict[str, Any]], **kw: Any) -> Completion:
+        self.calls += 1
+        call = self.calls
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise RequestFailed(f"HTTP 503 on call {call}", status=503)
+        self.finished += 1
+        return Completion(text=f"answer {call}", prompt_tokens=7, completion_tokens=3, finish_reason="stop")
+
+    async def preflight(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+SAME = [{"role": "user", "content": "the same question"}]
+
+
+def test_identical_requests_in_flight_are_sent_once(tmp_path):
+    inner = CountingLLM()
+    llm = CachedLLM(inner, ResponseCache(tmp_path / "cache.sqlite"))
+    replies = asyncio.run(chat_all(llm, [SAME] * 3 + [ask(1)[0]]))
+    assert inner.calls == 2  # the three identical ones shared one call
+    assert [r.text for r in replies[:3]] == ["answer 1"] * 3
+    assert [r.cached for r in replies] == [False, True, True, False]  # the sharers cost nothing
+    assert {(r.prompt_tokens, r.completion_tokens, r.finish_reason) for r in replies} == {(7, 3, "stop")}
+    assert llm.cache.coalesced == 2 and len(ResponseCache(tmp_path / "cache.sqlite")) == 2
+
+
+def test_a_failure_reaches_every_waiter_is_not_stored_and_the_next_call_asks_again(tmp_path):
+    inner = CountingLLM(fail=True)
+    path = tmp_path / "cache.sqlite"
+    failed = asyncio.run(chat_all(CachedLLM(inner, ResponseCache(path)), [SAME] * 3))
+    assert inner.calls == 1
+    assert [type(r) for r in failed] == [RequestFailed] * 3
+    assert {r.reason for r in failed} == {"HTTP 503 on call 1"}
+
+    inner.fail = False
+    llm = CachedLLM(inner, ResponseCache(path))
+    [reply] = asyncio.run(chat_all(llm, [SAME]))
+    assert inner.calls == 2 and reply.text == "answer 2" and reply.cached is False
+    assert llm.cache.coalesced == 0
+
+
+def test_a_cancelled_waiter_does_not_cancel_the_request_for_the_others(tmp_path):
+    inner = CountingLLM(delay=0.3)
+    llm = CachedLLM(inner, ResponseCache(tmp_path / "cache.sqlite"))
+
+    async def main() -> list[Any]:
+        tasks = [asyncio.create_task(llm.chat(SAME, max_tokens=16)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        tasks[0].cancel()  # the one that started the request goes away
+        try:
+            return await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await llm.aclose()
+
+    first, second, third = asyncio.run(main())
+    assert isinstance(first, asyncio.CancelledError)
+    assert second.text == third.text == "answer 1" and inner.calls == 1 and inner.finished == 1
+
+
+def test_a_request_every_waiter_left_is_cancelled(tmp_path):
+    inner = CountingLLM(delay=0.5)
+    llm = CachedLLM(inner, ResponseCache(tmp_path / "cache.sqlite"))
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(llm.chat(SAME, max_tokens=16)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.7)  # longer than the backend takes: had the request lived on, it would finish
+        await llm.aclose()
+
+    asyncio.run(main())
+    assert inner.calls == 1 and inner.finished == 0
+
+
+def test_three_identical_chunks_cost_one_request_in_doctune_generate(tmp_path):
+    same = "The relay listens on port 7300 unless LUMEN_PORT says otherwise."
+    texts = [same, "The Team edition costs 6 euros per user per month.", same, same]
+    rows = [
+        {"chunk_id": f"doc{i}.md#0000", "doc": f"doc{i}.md", "doc_sha256": "0" * 64, "pages": None}
+        | {"char_start": 0, "char_end": len(t), "n_tokens": 16, "text": t}
+        for i, t in enumerate(texts)
+    ]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "chunks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    def reply(request: dict[str, Any]) -> dict[str, Any]:
+        chunk = request["messages"][-1]["content"]
+        return {"pairs": [{"question": f"What does «{chunk[:20]}» say?", "answer": chunk}]}
+
+    with FakeOpenAIServer(reply, latency=0.3) as srv:
+        model = {"backend": "openai", "base_url": srv.base_url, "model": "fake-model", "api_key_env": None}
+        cfg = {
+            "run_dir": str(run_dir),
+            "models": {"teacher": model, "judge": model, "student": {"backend": "hf", "model": "unused"}},
+            "generate": {"total_questions": 4, "max_tokens": 256},
+        }
+        path = tmp_path / "doctune.yaml"
+        path.write_text(json.dumps(cfg), encoding="utf-8")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
+        proc = subprocess.run(
+            [sys.executable, "-m", "doctune", "generate", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        sent = Counter(r["messages"][-1]["content"] for r in srv.received)
+    assert proc.returncode == 0, proc.stderr
+    assert sent == {same: 1, texts[1]: 1}  # the server saw the repeated chunk once
+    pairs = [json.loads(line) for line in (run_dir / "qa_raw.jsonl").read_text().splitlines()]
+    assert sorted(p["chunk_id"] for p in pairs) == [f"doc{i}.md#0000" for i in range(4)]  # still a pair each
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    counts = manifest["stages"]["generate"]["counts"]
+    assert counts["requests"] == 4 and counts["requests_coalesced"] == 2 and counts["requests_cached"] == 0
+    assert "shared with an identical request" in proc.stdout + proc.stderr

@@ -10,6 +10,11 @@ await llm.aclose()                       # flushes and closes the cache too
 Keys are sha256 of canonical JSON of (model identity, messages, sampling params, schema): `cache_key`. Only
 answers are stored; a request that failed (`RequestFailed`) is asked again next time.
 
+Identical requests in flight together are sent once: the first starts the request, the others wait for its
+answer (`Completion.cached` True for them: they cost nothing; `ResponseCache.coalesced` counts them next to
+`hits`). A failure reaches every waiter and is not stored, so the next call asks again; a waiter that is
+cancelled leaves the request running for the others (it is cancelled only when no one waits for it any more).
+
 Writes must not slow the event loop and must survive the process being killed. `put` hands the row to a writer
 thread that commits whatever has queued up in one transaction (group commit: one commit per batch, batches form
 on their own under load), so an answer is on disk within milliseconds of `put`, well under a second. SQLite
@@ -20,11 +25,14 @@ Several processes may share one file (busy timeout 30 s).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import queue
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +93,7 @@ class ResponseCache:
         self._writer_error: BaseException | None = None
         self.hits = 0
         self.misses = 0
+        self.coalesced = 0  # requests answered by an identical request in flight (counted by CachedLLM)
 
     def __enter__(self) -> ResponseCache:
         return self
@@ -223,8 +232,17 @@ class ResponseCache:
                     del self._pending[row[0]]
 
 
+@dataclass
+class _InFlight:
+    """One request on its way to the backend, and how many callers wait for its answer."""
+
+    task: asyncio.Task[Completion]
+    waiters: int = 0
+
+
 class CachedLLM:
-    """An LLM whose answers come from the cache when it has them. `cache=None`: a transparent wrapper.
+    """An LLM whose answers come from the cache when it has them, and whose identical requests in flight
+    share one answer (module docstring). `cache=None`: a transparent wrapper.
 
     `identity` names the model in the cache key (default: the inner model's name); backends whose answers
     depend on more than the name (an adapter's weights) pass something that changes with them.
@@ -235,6 +253,7 @@ class CachedLLM:
         self.cache = cache
         self.name = inner.name
         self.identity = identity or inner.name
+        self._in_flight: dict[str, _InFlight] = {}
 
     def key_for(
         self,
@@ -267,11 +286,47 @@ class CachedLLM:
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        reply = await self.inner.chat(
-            messages, max_tokens=max_tokens, temperature=temperature, json_schema=json_schema, stop=stop
-        )
-        self.cache.put(key, self.identity, reply)
+        params = {
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "json_schema": json_schema,
+            "stop": stop,
+        }
+        return await self._shared(self.cache, key, messages, params)
+
+    async def _shared(
+        self, cache: ResponseCache, key: str, messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> Completion:
+        """The answer of the request in flight for `key`, started here if there is none."""
+        loop = asyncio.get_running_loop()
+        flight = self._in_flight.get(key)
+        joined = flight is not None and flight.task.get_loop() is loop and not flight.task.done()
+        if flight is None or not joined:
+            flight = _InFlight(loop.create_task(self._ask_and_store(cache, key, messages, params)))
+            self._in_flight[key] = flight
+            flight.task.add_done_callback(lambda _task, f=flight: self._landed(key, f))
+        flight.waiters += 1
+        try:
+            reply = await asyncio.shield(flight.task)
+        finally:
+            flight.waiters -= 1
+            if flight.waiters == 0 and not flight.task.done():  # every caller gave up: so does the request
+                flight.task.cancel()
+        if not joined:
+            return reply
+        cache.coalesced += 1
+        return dataclasses.replace(reply, cached=True)
+
+    async def _ask_and_store(
+        self, cache: ResponseCache, key: str, messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> Completion:
+        reply = await self.inner.chat(messages, **params)
+        cache.put(key, self.identity, reply)
         return reply
+
+    def _landed(self, key: str, flight: _InFlight) -> None:
+        if self._in_flight.get(key) is flight:
+            del self._in_flight[key]
 
     def forget(
         self,
