@@ -105,12 +105,13 @@ def _print_summary(summary: Any) -> None:
         out.print(f"wrote {path}")
 
 
-def _config(config: Path | None, sets: list[str] | None, **fields: Any):
+def _config(config: Path | None, sets: list[str] | None, stages: tuple[str, ...] | None, **fields: Any):
+    """Load and validate the config; `stages`: whose model references to check (None: every stage's)."""
     from doctune.config import load_config, parse_overrides
 
     overrides = parse_overrides(sets or [])
     overrides.update({k: v for k, v in fields.items() if v is not None})
-    return load_config(config, overrides)
+    return load_config(config, overrides, stages=stages)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -174,7 +175,7 @@ def ingest(
     verbose: VerboseOpt = False,
 ) -> None:
     """Read PDFs, Markdown and text from data.dir into token-counted chunks (chunks.jsonl)."""
-    cfg = _config(config, sets, run_dir=run_dir, **{"data.dir": data_dir})
+    cfg = _config(config, sets, (), run_dir=run_dir, **{"data.dir": data_dir})
     _setup_logging(verbose)
     from doctune.ingest.stage import run
 
@@ -196,7 +197,9 @@ def generate(
     verbose: VerboseOpt = False,
 ) -> None:
     """Ask the teacher for question/answer pairs from every chunk (qa_raw.jsonl, generate_failures.jsonl)."""
-    cfg = _config(config, sets, run_dir=run_dir, **{"generate.total_questions": total_questions})
+    cfg = _config(
+        config, sets, ("generate",), run_dir=run_dir, **{"generate.total_questions": total_questions}
+    )
     _setup_logging(verbose)
     from doctune.generate import run
 
@@ -239,7 +242,7 @@ def eval_(
     }
     if no_similarity:
         overrides["eval.similarity"] = False
-    cfg = _config(config, sets, run_dir=run_dir, **overrides)
+    cfg = _config(config, sets, ("eval",), run_dir=run_dir, **overrides)
     _setup_logging(verbose)
     from doctune.evaluate.stage import run
 
@@ -270,6 +273,7 @@ def curate(
     cfg = _config(
         config,
         sets,
+        ("curate",),
         run_dir=run_dir,
         **{"curate.mode": mode, "curate.threshold": threshold, "curate.eval_set": eval_set},
     )
@@ -306,7 +310,7 @@ def finetune(
     verbose: VerboseOpt = False,
 ) -> None:
     """LoRA fine-tune the student on train.jsonl, val loss on val.jsonl ({run_dir}/adapter)."""
-    cfg = _config(config, sets, run_dir=run_dir)
+    cfg = _config(config, sets, ("finetune",), run_dir=run_dir)
     _setup_logging(verbose)
     from doctune.finetune import launch
     from doctune.reporting import NullProgress
@@ -359,7 +363,7 @@ def merge(
 ) -> None:
     """Merge a LoRA adapter into its base model: one folder of safetensors + tokenizer + chat template."""
     if adapter is None or out_dir is None:
-        cfg = _config(config, sets, run_dir=run_dir)
+        cfg = _config(config, sets, (), run_dir=run_dir)
         adapter = adapter or cfg.run_path / "adapter"
         out_dir = out_dir or cfg.run_path / "merged"
     _setup_logging(verbose)
@@ -412,7 +416,7 @@ def serve_command(
     from doctune.config import DEFAULT_CONFIG_NAME
 
     has_config = config is not None or Path(DEFAULT_CONFIG_NAME).is_file()
-    cfg = _config(config, sets) if has_config else None
+    cfg = _config(config, sets, ()) if has_config else None
     _setup_logging(verbose)
     from doctune.serve.launch import run_server
 
@@ -487,7 +491,7 @@ def run_pipeline(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run ingest → generate → curate → finetune → eval, skipping stages whose inputs and config are unchanged."""
-    cfg = _config(config, sets, run_dir=run_dir)
+    cfg = _config(config, sets, None, run_dir=run_dir)
     _setup_logging(verbose)
     from doctune import pipeline
 

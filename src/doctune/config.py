@@ -7,8 +7,9 @@ what is allowed (`ConfigError.problems`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -22,6 +23,25 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_off(cls, data: Any) -> Any:
+        """YAML reads an unquoted `off` as false: where "off" is one of a field's choices, false means "off"."""
+        if isinstance(data, dict):
+            fixed = {name: "off" for name in _fields_with_off(cls) if data.get(name) is False}
+            if fixed:
+                data = {**data, **fixed}
+        return data
+
+
+def _fields_with_off(model: type[BaseModel]) -> list[str]:
+    """Names of `model`'s fields whose allowed values include the text "off"."""
+
+    def allows_off(annotation: Any) -> bool:
+        return annotation == "off" or any(allows_off(arg) for arg in get_args(annotation))
+
+    return [name for name, field in model.model_fields.items() if allows_off(field.annotation)]
 
 
 class DataConfig(Section):
@@ -149,6 +169,11 @@ class CurateConfig(Section):
     max_failure_rate: float = Field(
         0.1, ge=0, le=1, description="Share of judge errors that fails the stage."
     )
+    extra_pairs: str | list[str] | None = Field(
+        None,
+        description="Your own QA pairs (one file or a list): data.json format, JSONL or CSV with question "
+        "and answer columns; curated like generated pairs (no judge), kept for training only.",
+    )
 
 
 class LoraConfig(Section):
@@ -266,22 +291,30 @@ class Config(Section):
         return str(local) if local.exists() else value
 
 
-def reference_problems(cfg: Config) -> list[str]:
-    """Model names that stages refer to but `models:` lacks, one line each."""
+MODEL_STAGES = ("generate", "curate", "finetune", "eval")  # the stages that name models in `models:`
+
+
+def reference_problems(cfg: Config, stages: Iterable[str] | None = None) -> list[str]:
+    """Model names that `stages` refer to but `models:` lacks, one line each. `stages` None: every stage (what
+    `doctune run` needs); a command checks only its own stage, so a finetune-only config needs no teacher."""
+    wanted = set(MODEL_STAGES if stages is None else stages)
     known = ", ".join(sorted(cfg.models)) or "(none)"
-    refs: list[tuple[str, str | None]] = [
-        ("generate.model", cfg.generate.model),
-        ("curate.model", cfg.curate.model if cfg.curate.mode != "off" else None),
-        ("finetune.model", cfg.finetune.model),
-        ("eval.judge", cfg.eval.judge),
-    ]
-    refs += [(f"eval.candidates.{n}.model", c.model) for n, c in cfg.eval.candidates.items()]
+    refs: list[tuple[str, str | None]] = []
+    if "generate" in wanted:
+        refs.append(("generate.model", cfg.generate.model))
+    if "curate" in wanted:
+        refs.append(("curate.model", cfg.curate.model if cfg.curate.mode != "off" else None))
+    if "finetune" in wanted:
+        refs.append(("finetune.model", cfg.finetune.model))
+    if "eval" in wanted:
+        refs.append(("eval.judge", cfg.eval.judge))
+        refs += [(f"eval.candidates.{n}.model", c.model) for n, c in cfg.eval.candidates.items()]
     problems = [
         f"{key}: {value!r} is not a model in `models:` (defined: {known})"
         for key, value in refs
         if value is not None and value not in cfg.models
     ]
-    if cfg.eval.pairwise is not None:
+    if "eval" in wanted and cfg.eval.pairwise is not None:
         if len(cfg.eval.pairwise) != 2:
             problems.append(f"eval.pairwise: {cfg.eval.pairwise!r} must name exactly two candidates")
         for name in cfg.eval.pairwise:
@@ -290,7 +323,7 @@ def reference_problems(cfg: Config) -> list[str]:
                     f"eval.pairwise: {name!r} is not a candidate (candidates: {', '.join(cfg.eval.candidates)})"
                 )
     finetune_model = cfg.models.get(cfg.finetune.model)
-    if finetune_model is not None and finetune_model.backend != "hf":
+    if "finetune" in wanted and finetune_model is not None and finetune_model.backend != "hf":
         problems.append(f"finetune.model: {cfg.finetune.model!r} must be an hf model to be fine-tuned")
     return problems
 
@@ -350,29 +383,51 @@ def _apply_override(raw: dict[str, Any], dotted: str, value: Any) -> str | None:
 
 
 def build_config(
-    raw: Any, base_dir: Path, overrides: dict[str, Any] | None = None, source: str = "config"
+    raw: Any,
+    base_dir: Path,
+    overrides: dict[str, Any] | None = None,
+    source: str = "config",
+    stages: Iterable[str] | None = None,
 ) -> Config:
-    """Validate a parsed YAML document (plus overrides) into a Config, or raise ConfigError with every problem."""
+    """Validate a parsed YAML document (plus overrides) into a Config, or raise ConfigError with every problem.
+    `stages`: check only the model references of these stages (None: all, see `reference_problems`)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"(top level): got {type(raw).__name__}, expected a mapping of sections"], source)
     raw = _deep_copy(raw)
-    problems = [p for k, v in (overrides or {}).items() if (p := _apply_override(raw, k, v))]
+    overrides = overrides or {}
+    problems = [p for k, v in overrides.items() if (p := _apply_override(raw, k, v))]
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError(problems, COMMAND_LINE)
     bad_keys = [k for k in raw if not isinstance(k, str)]
     if bad_keys:
         raise ConfigError([f"{_key_part(k)}: keys must be text" for k in bad_keys], source)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError([_describe_error(e) for e in exc.errors()], source) from None
+        raise _config_error([_describe_error(e) for e in exc.errors()], overrides, source) from None
     cfg._base_dir = base_dir.resolve()
-    problems = reference_problems(cfg)
+    problems = reference_problems(cfg, stages)
     if problems:
-        raise ConfigError(problems, source)
+        raise _config_error(problems, overrides, source)
     return cfg
+
+
+COMMAND_LINE = "command line"
+
+
+def _config_error(problems: list[str], overrides: dict[str, Any], source: str) -> ConfigError:
+    """ConfigError for `problems`, the lines about a key set on the command line (--set or an option) marked
+    as such, so that the user does not look for the value in the file."""
+    marked = []
+    for problem in problems:
+        key, sep, rest = problem.partition(":")
+        if sep and any(key == k or key.startswith(k + ".") for k in overrides):
+            problem = f"{key} (set on the command line):{rest}"
+        marked.append(problem)
+    from_cli = all("(set on the command line):" in p for p in marked)
+    return ConfigError(marked, COMMAND_LINE if from_cli else source)
 
 
 def _deep_copy(value: Any) -> Any:
@@ -383,22 +438,63 @@ def _deep_copy(value: Any) -> Any:
     return value
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read doctune.yaml (default ./doctune.yaml), apply overrides, validate. Raises ConfigError."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (not the last one wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+            seen.setdefault(key, key_node.start_mark.line + 1)
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first at line {first}); keep one",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str) -> Any:
+    """`yaml.safe_load`, but a duplicate key raises yaml.YAMLError naming the key and both lines."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    stages: Iterable[str] | None = None,
+) -> Config:
+    """Read doctune.yaml (default ./doctune.yaml), apply overrides, validate. Raises ConfigError.
+    `stages`: check only the model references of these stages (None: all)."""
     path = Path(path) if path is not None else Path(DEFAULT_CONFIG_NAME)
+    if path.is_dir():
+        if not (path / DEFAULT_CONFIG_NAME).is_file():
+            raise ConfigError(
+                [f"{path}: is a folder, give the {DEFAULT_CONFIG_NAME} file (-c/--config PATH)"],
+                source=str(path),
+            )
+        path = path / DEFAULT_CONFIG_NAME
     if not path.is_file():
         raise ConfigError(
             [f"{path}: no such file (write one with `doctune init`, or pass -c/--config PATH)"],
             source=str(path),
         )
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
         reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError([f"not valid YAML{at}: {reason}"], source=str(path)) from None
-    return build_config(raw, path.parent, overrides, source=str(path))
+    return build_config(raw, path.parent, overrides, source=str(path), stages=stages)
 
 
 # ---------------------------------------------------------------- `doctune init`: defaults with comments
