@@ -6,6 +6,8 @@ placeholders are filled, so literal braces (JSON examples in a prompt) are left 
 
 from __future__ import annotations
 
+import difflib
+import logging
 import re
 from importlib import resources
 from pathlib import Path
@@ -13,6 +15,9 @@ from pathlib import Path
 import yaml
 
 from doctune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+STAGES = ("generate", "curate", "eval")  # the packaged prompt files
 
 
 def packaged_prompts(name: str) -> dict[str, str]:
@@ -38,6 +43,7 @@ def load_prompts(name: str, override: str | Path | None = None) -> dict[str, str
         ) from None
     if not isinstance(user, dict):
         raise ConfigError([f"{path}: expected a mapping of template names to text"], source="prompts")
+    _check_keys(path, name, user, prompts)
     for key, value in user.items():
         if key in prompts:
             if not isinstance(value, str):
@@ -46,6 +52,26 @@ def load_prompts(name: str, override: str | Path | None = None) -> dict[str, str
                 )
             prompts[key] = unescape_format_braces(value)
     return prompts
+
+
+def _check_keys(path: Path, name: str, user: dict, prompts: dict[str, str]) -> None:
+    """A key that looks meant as a template (…_template, …prompt…, or close to a template name) but is none of
+    the packaged ones is a misspelling: ConfigError naming it and the expected keys. Other keys (the seed's
+    generation_config.yaml holds settings too, and the templates of other stages) are ignored, with a log line."""
+    known = {key for stage in STAGES for key in packaged_prompts(stage)}
+    unknown = [str(k) for k in user if k not in known]
+    misspelt = [
+        k for k in unknown if "template" in k or "prompt" in k or difflib.get_close_matches(k, known, 1, 0.8)
+    ]
+    if misspelt:
+        close = {k: difflib.get_close_matches(k, known, 1, 0.6) for k in misspelt}
+        hints = "; ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items())
+        raise ConfigError(
+            [f"{path}: unknown template key {hints}; the {name} templates are: {', '.join(sorted(prompts))}"],
+            source="prompts",
+        )
+    if unknown:
+        log.info("%s: keys that are no %s template are ignored: %s", path, name, ", ".join(unknown))
 
 
 def unescape_format_braces(template: str) -> str:
