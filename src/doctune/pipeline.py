@@ -67,6 +67,10 @@ def _optional(cfg: Config, value: str | None) -> list[Path]:
     return [cfg.path(value)] if value else []
 
 
+def _listed(value: str | list[str] | None) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
 def _run_file(name: str) -> Callable[[Config], list[Path]]:
     return lambda cfg: [cfg.run_path / name]
 
@@ -93,6 +97,7 @@ STAGES: list[Stage] = [
             c.run_path / "qa_raw.jsonl",
             *_optional(c, c.curate.eval_set),
             *_optional(c, c.curate.prompts),
+            *(c.path(p) for p in _listed(c.curate.extra_pairs)),
         ],
         lambda c: [c.run_path / "train.jsonl", c.run_path / "val.jsonl", c.run_path / "data.json"],
         lambda c: {"curate": c.curate.model_dump(), "model": _model(c, c.curate.model)},

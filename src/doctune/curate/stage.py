@@ -3,7 +3,11 @@ curation_report.json.
 
 The checks run cheapest first, so that no judge token is spent on a pair that would be rejected anyway:
 
-1. rules (rules.py): empty, too_short, not_a_question, answer_too_long, question_in_answer;
+0. users' own pairs (`curate.extra_pairs`, extra_pairs.py) join the generated ones, first, so that a user's
+   pair wins over a generated copy of it; they pass every step below except the judge (they have no passage
+   to be judged against, and are the user's own word) and go to train only;
+1. rules (rules.py): empty, placeholder, question_equals_answer, too_short, not_a_question, answer_too_long,
+   question_in_answer, repetitive, copied_from_context;
 2. `duplicate_exact` of a whole pair (same normalised question *and* answer): the first in the file stays,
    since the copies teach the same thing;
 3. `eval_overlap` (contamination.py): the pair's question is an eval question, nearly or (with
@@ -32,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from doctune.config import Config
-from doctune.curate import contamination, dedup, rules
+from doctune.curate import contamination, dedup, extra_pairs, rules
 from doctune.curate.judge import Judge, JudgeTally, Verdict, judge_all
 from doctune.curate.split import chat_row, chunk_key, val_chunks
 from doctune.errors import FailureRateError, InputError
@@ -53,6 +57,7 @@ TRAIN = "train.jsonl"
 VAL = "val.jsonl"
 REPORT = "curation_report.json"
 CACHE = "cache.sqlite"
+MAX_PROBLEMS_SHOWN = 10
 RULE_ORDER = (
     *rules.RULES,
     "duplicate_exact",
@@ -99,6 +104,28 @@ def load_pairs(path: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def _is_user(pair: dict[str, Any]) -> bool:
+    return pair.get("source") == extra_pairs.SOURCE
+
+
+def _best_first(keys: Sequence[int], scores: Sequence[int | None], pairs: list[dict[str, Any]]) -> list[int]:
+    """Which of several duplicates stays: a user's pair, then the best-scored, then the earliest."""
+    return sorted(dedup.best_first(keys, scores), key=lambda i: not _is_user(pairs[i]))
+
+
+def _read_extra_pairs(cfg: Config, record: StageRecord) -> list[extra_pairs.UserPairs]:
+    """Every file of `curate.extra_pairs`, read before any work (a missing or unreadable file stops here)."""
+    files = [(name, cfg.path(name)) for name in extra_pairs.configured(cfg.curate.extra_pairs)]
+    extra_pairs.check_files(files)
+    found = [extra_pairs.read(name, path) for name, path in files]
+    for user in found:
+        record.add_input(user.path, f"extra_pairs:{user.name}")
+        for problem in user.problems:
+            log.warning("curate.extra_pairs: %s", problem)
+        log.info("%s: %d pair(s) of your own", user.name, len(user.pairs))
+    return found
+
+
 def _subset(keys: Sequence[int], found: dedup.Neighbours) -> dedup.Neighbours:
     """Neighbours found on a subset (local indices) mapped back to pair indices."""
     return {keys[i]: [(keys[j], sim) for j, sim in hits] for i, hits in found.items()}
@@ -137,7 +164,7 @@ def _judge_pairs(
         language=cfg.generate.language,
         bounded_strings=model.backend == "hf",
     )
-    keys = ledger.alive()
+    keys = [i for i in ledger.alive() if not _is_user(ledger.pairs[i])]
     log.info("judging %d pairs with %s (%s mode)", len(keys), llm.name, cur.mode)
     results = asyncio.run(_judge(judge, [ledger.pairs[i] for i in keys], progress, tally))
     verdicts = dict(zip(keys, results, strict=True))
@@ -199,17 +226,18 @@ def _dedup_questions(
 ) -> None:
     """Exact, near and semantic duplicate questions among the pairs still in; the best-scored stays."""
     dedup_cfg = cfg.curate.dedup
-    order = dedup.best_first(ledger.alive(), scores)
+    pairs = ledger.pairs
+    order = _best_first(ledger.alive(), scores, pairs)
     ledger.reject_duplicates(dedup.exact_duplicates(questions, order), "duplicate_exact")
     if dedup_cfg.near is not None:
         keys = ledger.alive()
         found = dedup.near_neighbours(dedup.Sketches([questions[i] for i in keys]), dedup_cfg.near)
-        order = dedup.best_first(keys, scores)
+        order = _best_first(keys, scores, pairs)
         ledger.reject_duplicates(dedup.keep_best(order, _subset(keys, found)), "duplicate_near")
     if dedup_cfg.semantic is not None and vectors is not None:
         keys = ledger.alive()
         found = dedup.semantic_neighbours(vectors, dedup_cfg.semantic, keys=keys)
-        order = dedup.best_first(keys, scores)
+        order = _best_first(keys, scores, pairs)
         ledger.reject_duplicates(dedup.keep_best(order, found), "duplicate_semantic")
 
 
@@ -223,7 +251,7 @@ def run(
     cur = cfg.curate
     run_dir = RunDir(cfg.run_path)
     raw_path = run_dir / QA_RAW
-    pairs = load_pairs(raw_path)
+    generated = load_pairs(raw_path)
     eval_items: list[EvalItem] = load_eval_set(cfg.path(cur.eval_set)) if cur.eval_set else []
     prompts = load_prompts(STAGE, cfg.path(cur.prompts) if cur.prompts else None)
     judge_model = cfg.model(cur.model) if cur.mode != "off" else None
@@ -232,6 +260,8 @@ def run(
         config={"curate": cur.model_dump(), "judge": judge_model.model_dump() if judge_model else None},
     )
     record.add_input(raw_path, QA_RAW)
+    users = _read_extra_pairs(cfg, record)
+    pairs = [p for user in users for p in user.pairs] + generated
     if cur.eval_set:
         record.add_input(cfg.path(cur.eval_set), "eval_set")
     if cur.prompts:
@@ -262,7 +292,9 @@ def run(
     # 6: split by chunk, write
     kept = ledger.alive()
     log.info("%d of %d pairs kept", len(kept), len(pairs))
-    in_val = val_chunks((chunk_key(pairs[i]) for i in kept), cur.val_fraction, cur.seed)
+    in_val = val_chunks(
+        (chunk_key(pairs[i]) for i in kept if not _is_user(pairs[i])), cur.val_fraction, cur.seed
+    )
     split = {i: "val" if chunk_key(pairs[i]) in in_val else "train" for i in kept}
     seconds = time.perf_counter() - t0
 
@@ -299,6 +331,7 @@ def run(
         "pairs_in": len(pairs),
         "rejected": ledger.counts(),
         "kept": len(kept),
+        "sources": _by_source(ledger, users),
         "train": {"pairs": len(train), "chunks": len({chunk_key(pairs[i]) for i in kept}) - len(in_val)},
         "val": {"pairs": len(val), "chunks": len(in_val)},
         "judge": {
@@ -331,6 +364,8 @@ def run(
         "train": len(train),
         "val": len(val),
         "rejected": ledger.counts(),
+        "generated_kept_share": report["sources"]["generated"]["kept_share"],
+        "user_pairs": report["sources"]["user"]["pairs"],
         "judge_requests": tally.requests,
         "judge_cached": tally.cached,
         "judge_errors": tally.errors,
@@ -350,6 +385,25 @@ def run(
     return summary
 
 
+def _by_source(ledger: Ledger, users: list[extra_pairs.UserPairs]) -> dict[str, Any]:
+    """Pairs in, kept, share kept and rejections per rule, for generated pairs and for users' own."""
+    out: dict[str, Any] = {}
+    for source in ("generated", extra_pairs.SOURCE):
+        keys = [i for i, p in enumerate(ledger.pairs) if _is_user(p) == (source == extra_pairs.SOURCE)]
+        tally = Counter(ledger.rejected[i]["rule"] for i in keys if i in ledger.rejected)
+        kept = len(keys) - sum(tally.values())
+        out[source] = {
+            "pairs": len(keys),
+            "kept": kept,
+            "kept_share": round(kept / len(keys), 4) if keys else None,
+            "rejected": {rule: tally[rule] for rule in RULE_ORDER if tally[rule]},
+        }
+    out[extra_pairs.SOURCE]["files"] = [
+        {"file": u.name, "pairs": len(u.pairs), "problems": u.problems} for u in users
+    ]
+    return out
+
+
 def _histogram(mode: str, verdicts: Any) -> dict[str, int]:
     if mode == "score":
         tally = Counter(v.score for v in verdicts if v.score is not None)
@@ -366,6 +420,10 @@ def _summary(run_dir: RunDir, report: dict[str, Any]) -> Summary:
     for rule, n in report["rejected"].items():
         summary.add(f"  rejected: {rule}", n)
     summary.add("kept", report["kept"])
+    for source, label in (("generated", "generated pairs kept"), (extra_pairs.SOURCE, "your own pairs kept")):
+        part = report["sources"][source]
+        if part["pairs"]:
+            summary.add(label, f"{part['kept']:,} of {part['pairs']:,} ({part['kept_share']:.0%})")
     summary.add("train pairs (chunks)", f"{report['train']['pairs']:,} ({report['train']['chunks']:,})")
     summary.add("val pairs (chunks)", f"{report['val']['pairs']:,} ({report['val']['chunks']:,})")
     judge = report["judge"]
@@ -382,6 +440,12 @@ def _summary(run_dir: RunDir, report: dict[str, Any]) -> Summary:
         summary.warnings.append(
             f"{len(overlaps)} pair(s) matched eval questions and were left out: see {run_dir / REPORT}"
         )
+    for user in report["sources"][extra_pairs.SOURCE]["files"]:
+        for problem in user["problems"][:MAX_PROBLEMS_SHOWN]:
+            summary.warnings.append(f"curate.extra_pairs: {problem}")
+        if len(user["problems"]) > MAX_PROBLEMS_SHOWN:
+            more = len(user["problems"]) - MAX_PROBLEMS_SHOWN
+            summary.warnings.append(f"{user['file']}: {more} more row(s) skipped: see {run_dir / REPORT}")
     if judge["errors"]:
         summary.warnings.append(
             f"{judge['errors']} pair(s) got no usable verdict (rule judge_error, raw replies kept in "
