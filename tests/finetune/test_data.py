@@ -85,15 +85,35 @@ def test_llama3_published_template_gets_trls_training_version_with_the_same_text
     assert data.stop_token_trained(tokenizer, template, {eot})
 
 
-def test_template_that_cannot_mark_assistant_tokens_fails_with_how_to_fix(tokenizer):
+def test_template_without_markers_trains_by_prefix_with_its_end_of_turn(tokenizer):
     chatml = (
-        "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '\n' + m['content'] + '<|eot_id|>' }}"
-        "{% endfor %}"
+        "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '\n' + m['content'] + '<|eot_id|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant\n' }}{% endif %}"
+    )
+    template, source = data.training_template(_with_template(tokenizer, chatml))
+    assert (template, source) == (chatml, "prefix")
+    sample = data.tokenize_conversation(tokenizer, CONVERSATION, template, max_length=512)
+    spans = marked_spans(tokenizer, sample["input_ids"], sample["labels"])
+    # the end-of-turn token and the newline after it are trained, as TRL's training templates mark them
+    assert spans == ["Prime it before use.<|eot_id|>\n", "Close it after priming.<|eot_id|>\n"]
+    assert data.stop_token_trained(tokenizer, template, {tokenizer.eos_token_id})
+
+
+def test_template_that_renders_prefixes_inconsistently_fails_in_one_line(tokenizer):
+    # the number of messages goes into the system message: a prompt is never the start of the longer conversation
+    counting = (
+        "{{ 'messages: ' ~ (messages | length) ~ '\n' }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] "
+        "+ '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
     )
     with pytest.raises(ConfigError) as err:
-        data.training_template(_with_template(tokenizer, chatml))
-    assert "{% generation %}" in str(err.value)
-    assert "finetune.model" in str(err.value)
+        data.training_template(_with_template(tokenizer, counting))
+    [message] = err.value.problems
+    assert "\n" not in message
+    assert (
+        "finetune.model" in message and "prefixes inconsistently" in message and "{% generation %}" in message
+    )
+    with pytest.raises(data.PrefixMismatch):  # and a single conversation is refused, not mis-masked
+        data.tokenize_conversation(tokenizer, CONVERSATION, counting, max_length=512)
 
 
 def test_template_whose_markers_mark_nothing_is_refused(tokenizer):

@@ -1,11 +1,17 @@
 """Chat samples → token ids + assistant-only labels, and padding-free batches. Pure functions, no model.
 
-One chat template end to end: every sample is rendered with the student tokenizer's own template (or, when that
-template cannot mark assistant tokens, TRL's training-compatible version of it for a known model family), and the
-template used travels with the adapter so eval, chat and serve render prompts the same way.
+One chat template end to end: every sample is rendered with the student tokenizer's own template, and the
+template used travels with the adapter so eval, chat and serve render prompts the same way. Which tokens the
+assistant wrote comes from, in this order:
+
+- `"tokenizer"`: the template marks them itself with `{% generation %}` (transformers' assistant masks);
+- `"trl:<family>"`: TRL's training version of a published template that matches it byte for byte;
+- `"prefix"`: any other template. For each assistant turn i, messages[:i] rendered with the generation prompt is
+  what the model is given; the tokens that messages[:i+1] adds beyond it are the ones it writes (its end-of-turn
+  token and the newline some templates put after it included, as TRL's training templates mark them).
 
 ```python
-template, source = training_template(tokenizer)            # ConfigError when it cannot mark assistant tokens
+template, source = training_template(tokenizer)            # ConfigError when no method yields assistant tokens
 sample = tokenize_conversation(tokenizer, messages, template, max_length=2048)
 batch = flatten_batch([sample, ...])                       # one row, position_ids restart at every sample
 ```
@@ -117,12 +123,15 @@ def has_generation_markers(template: str | None) -> bool:
 
 
 def training_template(tokenizer: Any) -> tuple[str, str]:
-    """The chat template to train with and where it came from: `"tokenizer"` (it marks assistant tokens
-    itself) or `"trl:<family>"` (TRL's training-compatible version of a known family's template, e.g. Llama 3).
+    """The chat template to train with and how assistant tokens are found: `"tokenizer"` (it marks them itself),
+    `"trl:<family>"` (TRL's training version of a known family's template, e.g. Llama 3) or `"prefix"` (derived
+    by rendering conversation prefixes, see `prefix_assistant_mask`).
 
-    Raises ConfigError, before any training, when the template cannot mark assistant tokens and no known
-    training version exists, or when the marked template still marks nothing.
+    Raises ConfigError, before any training, when the template fails on the probe conversation, renders its
+    prefixes inconsistently, or marks no assistant token.
     """
+    from jinja2 import TemplateError
+
     template = tokenizer.chat_template
     if isinstance(template, dict):
         template = template.get("default")
@@ -137,18 +146,28 @@ def training_template(tokenizer: Any) -> tuple[str, str]:
     source = "tokenizer"
     if not has_generation_markers(template):
         patched, family = _known_training_template(template)
-        if patched is None:
-            raise ConfigError(
-                [
-                    f"finetune.model: the chat template of {tokenizer.name_or_path!r} cannot mark assistant tokens "
-                    "and is not a family doctune knows; copy the model's chat_template.jinja, wrap each assistant "
-                    "reply and its end-of-turn token in {% generation %}...{% endgeneration %}, and point "
-                    "the student at a folder with that template"
-                ],
-                source="finetune",
-            )
-        template, source = patched, f"trl:{family}"
-    mask = assistant_mask(tokenizer, PROBE_CONVERSATION, template)
+        template, source = (patched, f"trl:{family}") if patched is not None else (template, "prefix")
+    try:
+        _, mask = assistant_tokens(tokenizer, PROBE_CONVERSATION, template)
+    except PrefixMismatch as exc:
+        raise ConfigError(
+            [
+                f"finetune.model: the chat template of {tokenizer.name_or_path!r} cannot mark assistant tokens and "
+                f"renders conversation prefixes inconsistently ({exc}); wrap each assistant reply and its end-of-turn "
+                "token in {% generation %}...{% endgeneration %} in a copy of its chat_template.jinja and point the "
+                "student at a folder with that template"
+            ],
+            source="finetune",
+        ) from None
+    except (TemplateError, TypeError, KeyError) as exc:
+        raise ConfigError(
+            [
+                f"finetune.model: the chat template ({source}) of {tokenizer.name_or_path!r} fails on a "
+                f"system/user/assistant conversation ({type(exc).__name__}: {exc}); use a template that renders "
+                "these three roles"
+            ],
+            source="finetune",
+        ) from None
     if not any(mask):
         raise ConfigError(
             [
@@ -177,33 +196,111 @@ def _known_training_template(template: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def assistant_mask(tokenizer: Any, messages: list[dict[str, str]], template: str) -> list[int]:
+class PrefixMismatch(ValueError):
+    """A chat template renders a conversation's prefixes in a way that is not a prefix of the whole."""
+
+
+def assistant_tokens(
+    tokenizer: Any, messages: list[dict[str, Any]], template: str
+) -> tuple[list[int], list[int]]:
+    """Token ids of `messages` rendered with `template`, and 1 for each token the assistant wrote, else 0:
+    the template's own `{% generation %}` marks when it has them, else `prefix_assistant_mask`."""
+    if has_generation_markers(template):
+        out = tokenizer.apply_chat_template(
+            messages,
+            chat_template=template,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        return list(out["input_ids"]), list(out["assistant_masks"])
+    return prefix_assistant_mask(tokenizer, messages, template)
+
+
+def assistant_mask(tokenizer: Any, messages: list[dict[str, Any]], template: str) -> list[int]:
     """1 for each token of `messages` (rendered with `template`) that the assistant wrote, else 0."""
-    out = tokenizer.apply_chat_template(
-        messages,
-        chat_template=template,
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
+    return assistant_tokens(tokenizer, messages, template)[1]
+
+
+def prefix_assistant_mask(
+    tokenizer: Any, messages: list[dict[str, Any]], template: str
+) -> tuple[list[int], list[int]]:
+    """Assistant tokens of any chat template, found by rendering prefixes of the conversation.
+
+    For each assistant turn i: the prompt P (messages[:i] with the generation prompt) must be a prefix of the
+    whole conversation's render F, as text and as token ids; the turn is F's tokens from the end of P to where the
+    render of messages[:i+1] stops agreeing with F. What that render has beyond this point must be how the
+    template closes a conversation (an eos some templates append, or a different last end-of-turn token), so
+    F must end with it too. Anything else raises PrefixMismatch.
+    """
+    full = _render(tokenizer, messages, template, add_generation_prompt=False)
+    ids = _ids(tokenizer, full)
+    mask = [0] * len(ids)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], template, add_generation_prompt=True)
+        turn = _render(tokenizer, messages[: i + 1], template, add_generation_prompt=False)
+        prompt_ids, turn_ids = _ids(tokenizer, prompt), _ids(tokenizer, turn)
+        if not (full.startswith(prompt) and turn.startswith(prompt)):
+            raise PrefixMismatch(f"the prompt up to message {i} is not the start of the conversation's text")
+        if ids[: len(prompt_ids)] != prompt_ids or turn_ids[: len(prompt_ids)] != prompt_ids:
+            raise PrefixMismatch(
+                f"the prompt up to message {i} is not the start of the conversation's tokens"
+            )
+        end = common_prefix_length(turn_ids, ids)
+        closing = turn_ids[end:]
+        if end <= len(prompt_ids) or (closing and ids[len(ids) - len(closing) :] != closing):
+            raise PrefixMismatch(f"assistant message {i} renders differently once the conversation goes on")
+        mask[len(prompt_ids) : end] = [1] * (end - len(prompt_ids))
+    return ids, mask
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading items `a` and `b` share.
+
+    >>> common_prefix_length([1, 2, 3, 4], [1, 2, 5])
+    2
+    """
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _render(
+    tokenizer: Any, messages: list[dict[str, Any]], template: str, add_generation_prompt: bool
+) -> str:
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
     )
-    return list(out["assistant_masks"])
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of rendered chat text, as apply_chat_template(tokenize=True) makes them (no extra bos/eos)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def stop_token_trained(tokenizer: Any, template: str, stop_ids: set[int]) -> bool:
-    """Whether the last token the template marks in an assistant turn is one that stops generation
-    (the model learns to end its answers). `stop_ids`: eos ids of the tokenizer and generation config."""
-    out = tokenizer.apply_chat_template(
-        PROBE_CONVERSATION[:4],
-        chat_template=template,
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-    )
-    marked = [tid for tid, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
-    for tid in reversed(marked):
-        if tokenizer.decode([tid]).strip():
-            return tid in stop_ids
-    return False
+    """Whether every assistant turn the template marks ends (ignoring whitespace tokens such as a newline after
+    the end-of-turn token) with a token that stops generation: the model learns to end its answers.
+    `stop_ids`: eos ids of the tokenizer and generation config."""
+    ids, mask = assistant_tokens(tokenizer, PROBE_CONVERSATION, template)
+    turns: list[list[int]] = []
+    for k, (tid, marked) in enumerate(zip(ids, mask, strict=True)):
+        if marked and (k == 0 or not mask[k - 1]):
+            turns.append([])
+        if marked:
+            turns[-1].append(tid)
+    if not turns:
+        return False
+    for turn in turns:
+        last = next((tid for tid in reversed(turn) if tokenizer.decode([tid]).strip()), None)
+        if last not in stop_ids:
+            return False
+    return True
 
 
 def tokenize_conversation(
@@ -211,16 +308,9 @@ def tokenize_conversation(
 ) -> dict[str, Any]:
     """`{"input_ids", "labels", "truncated"}` of one conversation: labels are the ids of assistant tokens and
     IGNORE_INDEX elsewhere (also at position 0, which no token predicts). Longer conversations are cut to
-    `max_length` tokens."""
-    out = tokenizer.apply_chat_template(
-        messages,
-        chat_template=template,
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-    )
-    ids = list(out["input_ids"])
-    mask = list(out["assistant_masks"])
+    `max_length` tokens. PrefixMismatch (a ValueError) when the template renders this conversation's turns
+    inconsistently."""
+    ids, mask = assistant_tokens(tokenizer, messages, template)
     truncated = len(ids) > max_length
     ids, mask = ids[:max_length], mask[:max_length]
     return {"input_ids": ids, "labels": labels_from_mask(ids, mask), "truncated": truncated}
