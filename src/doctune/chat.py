@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Generator
 from typing import Any, Protocol, TextIO
 
+DEFAULT_IDLE_TIMEOUT = 60.0  # seconds without a new piece of the reply before an endpoint is given up on
 HELP = "commands: /reset (new conversation), /system TEXT (system prompt), /exit (or Ctrl-D); Ctrl-C stops a reply"
 
 
@@ -71,18 +72,36 @@ class LocalBackend:
 
 
 class EndpointBackend:
-    """Any OpenAI-compatible server, through the official client."""
+    """Any OpenAI-compatible server, through the official client. `idle_timeout`: seconds the server may stay
+    silent (before its first token or between two) before the reply is given up on; a slow server that keeps
+    writing is waited for. `api_key_env` only names the key's variable in hints."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        *,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        api_key_env: str | None = None,
+    ):
         import openai
 
         self.name = model
         self.system_prompt = None
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=2)
+        self.idle_timeout = idle_timeout
+        self.api_key_env = api_key_env
+        # httpx's read timeout is per read: a stream that stops for idle_timeout seconds ends, a long one does not
+        timeout = openai.Timeout(idle_timeout, connect=min(10.0, idle_timeout))
+        # no retries: a retried timeout would make the user wait several times idle_timeout for one line
+        self.client = openai.OpenAI(
+            base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=timeout
+        )
 
     def stream(
         self, messages: list[dict[str, str]], *, max_tokens: int | None, temperature: float
     ) -> Generator[str, None, None]:
+        import httpx2
         import openai
 
         try:
@@ -98,20 +117,38 @@ class EndpointBackend:
                     if chunk.choices and chunk.choices[0].delta.content:
                         yield chunk.choices[0].delta.content
         except openai.APIStatusError as exc:
-            raise ReplyFailed(f"{exc.status_code}: {_api_message(exc.body) or exc.message}") from None
+            raise ReplyFailed(self._status_message(exc)) from None
+        except (openai.APITimeoutError, httpx2.TimeoutException):
+            raise ReplyFailed(
+                f"no answer from {self.url} for {self.idle_timeout:g} s (is the server hung or "
+                "overloaded? raise --timeout for a slow one)"
+            ) from None
         except openai.APIConnectionError as exc:
-            raise ReplyFailed(f"cannot reach {self.client.base_url} ({exc.message})") from None
+            raise ReplyFailed(f"cannot reach {self.url} ({exc.message})") from None
+        except httpx2.HTTPError as exc:  # the connection broke in the middle of the stream
+            raise ReplyFailed(f"{self.url}: the reply broke off ({type(exc).__name__})") from None
+
+    @property
+    def url(self) -> str:
+        return str(self.client.base_url).rstrip("/")
+
+    def _status_message(self, exc: Any) -> str:
+        """The server's error in one line, with what to do for the usual mistakes (as `generate` says them)."""
+        from doctune.llm.openai_backend import _server_message
+
+        text = f"{exc.status_code}: {_server_message(exc)}"
+        base = self.url
+        if exc.status_code == 401:
+            where = f"${self.api_key_env}" if self.api_key_env else "no variable (placeholder key sent)"
+            return f"{text} (check the API key: it comes from {where}; name its variable with --api-key-env)"
+        if exc.status_code == 404 and not base.endswith("/v1"):
+            return f"{text} (check that --endpoint ends in /v1: did you mean {base}/v1?)"
+        if exc.status_code == 404:
+            return f"{text} (check --model: the name the server gives the model)"
+        return text
 
     def close(self) -> None:
         self.client.close()
-
-
-def _api_message(body: Any) -> str | None:
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
-    return None
 
 
 def run_chat(

@@ -453,6 +453,14 @@ def chat_command(
     ] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1, help="Longest reply.")] = None,
     temperature: Annotated[float, typer.Option("--temperature", min=0, max=2, help="0: greedy.")] = 0.0,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            min=0.1,
+            help="With --endpoint: seconds the server may stay silent before a reply fails.",
+        ),
+    ] = 60.0,
     verbose: VerboseOpt = False,
 ) -> None:
     """Chat in the terminal with streaming replies: /reset, /system TEXT, /exit."""
@@ -465,7 +473,9 @@ def chat_command(
     from doctune.serve.launch import api_key_from_env
 
     if endpoint is not None:
-        backend = EndpointBackend(endpoint, model, api_key_from_env(api_key_env))
+        backend = EndpointBackend(
+            endpoint, model, api_key_from_env(api_key_env), idle_timeout=timeout, api_key_env=api_key_env
+        )
     else:
         backend = LocalBackend(model, str(adapter) if adapter is not None else None)
     with contextlib.suppress(ImportError):

@@ -164,3 +164,50 @@ def test_doctune_chat_through_an_endpoint(server):
         assert terminal.process.wait(30) == 0
     finally:
         terminal.close()
+
+
+# ---------------------------------------------------------------- an endpoint that is slow, silent or misaddressed
+
+
+def _one_turn(backend) -> tuple[str, float]:
+    out = io.StringIO()
+    started = time.monotonic()
+    run_chat(backend, read_line=scripted(["hi"]), out=out)
+    return out.getvalue(), time.monotonic() - started
+
+
+def test_a_server_that_never_answers_ends_the_reply_after_the_idle_timeout():
+    from tests.support.fake_openai import FakeOpenAIServer
+
+    with FakeOpenAIServer(reply=lambda req: "never sent", latency=30) as srv:
+        text, seconds = _one_turn(EndpointBackend(srv.base_url, "fake-model", idle_timeout=0.5))
+    assert "error: no answer from" in text and "for 0.5 s" in text and "--timeout" in text
+    assert seconds < 5  # not 30 s, not retried
+
+
+def test_a_slow_server_that_keeps_writing_is_waited_for():
+    from tests.support.fake_openai import FakeOpenAIServer
+
+    words = " ".join(f"w{i}" for i in range(8))
+    with FakeOpenAIServer(reply=lambda req: words, stream_interval=0.15) as srv:
+        text, seconds = _one_turn(EndpointBackend(srv.base_url, "fake-model", idle_timeout=0.6))
+    assert seconds > 0.6  # longer in all than the idle timeout, never silent that long
+    assert "error" not in text and "w0 w1 w2 w3 w4 w5 w6 w7" in text
+
+
+def test_an_endpoint_without_v1_gets_the_url_it_probably_meant():
+    from tests.support.fake_openai import FakeOpenAIServer
+
+    with FakeOpenAIServer() as srv:
+        root = srv.base_url.removesuffix("/v1")
+        text, _ = _one_turn(EndpointBackend(root, "fake-model", idle_timeout=10))
+    assert "error: 404" in text and f"did you mean {root}/v1?" in text
+
+
+def test_a_keyed_server_says_how_to_give_the_key():
+    from tests.support.fake_openai import FakeOpenAIServer
+
+    with FakeOpenAIServer(api_key="sekrit") as srv:
+        text, _ = _one_turn(EndpointBackend(srv.base_url, "fake-model", "wrong", api_key_env="MY_KEY"))
+    assert "error: 401" in text and "$MY_KEY" in text and "--api-key-env" in text
+    assert "wrong" not in text.split("error:")[1]
