@@ -86,7 +86,10 @@ class ModelConfig(Section):
     )
     tokens_per_minute: float | None = Field(None, gt=0, description="openai: token rate limit; null: none.")
     timeout: float = Field(
-        120.0, gt=0, description="openai: seconds before one request is abandoned and retried."
+        120.0,
+        gt=0,
+        description="openai: idle timeout: seconds with nothing from the server (requests stream) before a "
+        "request is abandoned and retried; an answer that keeps coming is never cut.",
     )
     max_retries: int = Field(
         6, ge=0, description="openai: retries on 429/5xx/timeouts, with jittered backoff."

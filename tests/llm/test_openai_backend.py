@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from tests.support.fake_openai import (
+    EXTRA_FAULT_KINDS,
     FAULT_KINDS,
     FakeOpenAIServer,
     FaultPlan,
@@ -145,11 +146,11 @@ def test_backoff_grows_without_retry_after():
         assert 0.05 * 2**k - 0.01 <= gap <= 0.1 * 2**k + 0.5, gaps
 
 
-@pytest.mark.parametrize("kind", FAULT_KINDS)
+@pytest.mark.parametrize("kind", [*FAULT_KINDS, *EXTRA_FAULT_KINDS])
 def test_every_fault_kind_is_retried_then_reported(kind):
     plan = FaultPlan(**{f"rate_{kind}": 1.0}, slow_s=1.0)
     with FakeOpenAIServer(faults=plan) as srv:
-        timeout = 0.3 if kind == "slow" else 10.0
+        timeout = 0.3 if kind in ("slow", "stall") else 10.0
         llm = OpenAIBackend(model_cfg(srv.base_url, max_retries=2, timeout=timeout), backoff_base=0.01)
         [failed] = asyncio.run(chat_all(llm, ask(1)))
         sent = srv.total_requests()
@@ -332,3 +333,74 @@ def test_backend_works_across_event_loops():
 def test_preflight_accepts_ollamas_latest_tag():
     with FakeOpenAIServer(models=["fake-model:latest"]) as srv:
         asyncio.run(OpenAIBackend(model_cfg(srv.base_url)).preflight())
+
+
+# ------------------------------------------------------------------------------------------ streaming
+
+
+def test_requests_stream_and_the_pieces_make_one_completion():
+    answer = "Lumen Relay listens on port 7300 by default."
+    with FakeOpenAIServer(reply=lambda req: answer) as srv:
+        [streamed] = asyncio.run(chat_all(OpenAIBackend(model_cfg(srv.base_url)), ask(1)))
+    sent = srv.received[0]
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    assert streamed.text == answer and streamed.finish_reason == "stop"
+    # the usage chunk's counts (the fake server counts 4 characters a token)
+    assert (streamed.prompt_tokens, streamed.completion_tokens) == (len("q 0") // 4 + 1, len(answer) // 4 + 1)
+
+
+def test_a_stream_without_usage_counts_its_content_deltas():
+    answer = "one two three four five"
+    with FakeOpenAIServer(reply=lambda req: Reply(answer, finish_reason="length"), stream_usage=False) as srv:
+        [reply] = asyncio.run(chat_all(OpenAIBackend(model_cfg(srv.base_url)), ask(1)))
+    assert reply.text == answer and reply.finish_reason == "length"
+    assert reply.completion_tokens == 5 and reply.prompt_tokens == 0  # 5 word deltas; the prompt's is unknown
+
+
+def test_a_server_that_rejects_streaming_gets_whole_requests():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    with FakeOpenAIServer(reply=lambda req: {"a": 1}, streaming=False) as srv:
+        llm = OpenAIBackend(model_cfg(srv.base_url))
+
+        async def main() -> list[Any]:
+            first = await llm.chat(ask(1)[0], max_tokens=16, json_schema=schema)
+            return [first, *await chat_all(llm, ask(3, "later"), json_schema=schema)]
+
+        replies = asyncio.run(main())
+    assert [r.text for r in replies] == ['{"a": 1}'] * 4
+    assert [bool(r.get("stream")) for r in srv.received] == [True, False, False, False, False]  # asked once
+    assert all(r["response_format"]["json_schema"]["schema"] == schema for r in srv.received)
+
+
+def test_a_slow_server_that_keeps_streaming_is_not_cut_off():
+    answer = " ".join(f"w{i}" for i in range(10))  # 10 pieces, one every 0.3 s: 3 s in all
+    with FakeOpenAIServer(reply=lambda req: answer, stream_interval=0.3) as srv:
+        llm = OpenAIBackend(model_cfg(srv.base_url, timeout=1.0, max_retries=2), backoff_base=0.01)
+        t0 = time.monotonic()
+        [reply] = asyncio.run(chat_all(llm, ask(1)))
+        took = time.monotonic() - t0
+    assert isinstance(reply, Completion), reply
+    assert reply.text == answer and took >= 3.0
+    assert srv.total_requests() == 1  # three times the timeout, and never sent again
+
+
+def test_a_server_that_accepts_and_sends_nothing_fails_after_the_timeout_and_is_retried():
+    with SilentServer() as silent:
+        llm = OpenAIBackend(model_cfg(silent.base_url, timeout=0.5, max_retries=1), backoff_base=0.01)
+        t0 = time.monotonic()
+        [failed] = asyncio.run(chat_all(llm, ask(1)))
+        took = time.monotonic() - t0
+    assert isinstance(failed, RequestFailed), failed
+    assert "nothing received for 0.5 s" in failed.reason and "gave up after 2 attempts" in failed.reason
+    assert 1.0 <= took < 5.0, took  # two attempts of 0.5 s each (loose above: a busy machine)
+
+
+def test_a_stream_that_stalls_half_way_is_retried():
+    first = Reply("this answer stops after its first word", stall=3.0)
+    with FakeOpenAIServer(reply=once_then_ok(first)) as srv:
+        llm = OpenAIBackend(model_cfg(srv.base_url, timeout=0.5), backoff_base=0.01)
+        t0 = time.monotonic()
+        [reply] = asyncio.run(chat_all(llm, ask(1)))
+        took = time.monotonic() - t0
+    assert isinstance(reply, Completion) and reply.text == "ok"
+    assert srv.total_requests() == 2 and took < 2.5, took  # given up after 0.5 s of silence, not 3 s

@@ -8,11 +8,16 @@ with FakeOpenAIServer(reply=lambda req: {"pairs": []}, latency=0.25, faults=Faul
     srv.requests_per_prompt[prompt_key(messages)], srv.answered_per_prompt[...], srv.max_in_flight
 ```
 
-It serves `GET /v1/models` and non-streaming `POST /v1/chat/completions` over HTTP/1.1 with keep-alive, from
-one asyncio loop in a background thread (one loop serves many connections for little CPU: ~200 req/s with 64
-clients and 250 ms latency on two cores). `reply(request_json)` gives the answer: a str is the message content,
-a dict or list is sent as its JSON text, a `Reply(status=...)` is an error answer with its message and headers.
+It serves `GET /v1/models` and `POST /v1/chat/completions` over HTTP/1.1 with keep-alive, from one asyncio loop
+in a background thread (one loop serves many connections for little CPU: ~200 req/s with 64 clients and 250 ms
+latency on two cores). `reply(request_json)` gives the answer: a str is the message content, a dict or list is
+sent as its JSON text, a `Reply(status=...)` is an error answer with its message and headers.
 With `api_key` set, a request without `Authorization: Bearer KEY` gets 401; a model not in `models` gets 404.
+
+A request with `"stream": true` gets server-sent events as vLLM sends them (chunked transfer encoding): a role
+chunk, the content in word-sized pieces (`stream_interval` seconds before each), a finish_reason chunk, a usage
+chunk when `stream_options.include_usage` asks for it (and `stream_usage` is True), then `data: [DONE]`.
+`streaming=False` makes the server reject streaming requests with a 400 naming `stream` (as some servers do).
 
 Counters (read them after the requests are done): `requests_per_prompt` and `answered_per_prompt` (good 200
 replies) keyed by `prompt_key(messages)`, `outcomes` ("ok", a fault kind or a status), `received` (request
@@ -28,6 +33,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import re
 import socket
 import threading
 import time
@@ -48,6 +54,9 @@ FAULT_KINDS = (
     "wrong_shape",  # status 200, JSON that is not a chat completion
     "empty_choices",  # status 200, a chat completion with `choices: []`
 )
+# Drawn only when their rate is set (FaultPlan.uniform leaves them out, so the draws of existing plans stay
+# as they were). A non-streaming request meets "stall" as "slow".
+EXTRA_FAULT_KINDS = ("stall",)  # a stream that sends its first piece, then nothing for slow_s, then the rest
 
 
 UNAUTHORIZED = "Incorrect API key provided. Check the key you sent."
@@ -72,6 +81,7 @@ class FaultPlan:
     rate_invalid_json: float = 0.0
     rate_wrong_shape: float = 0.0
     rate_empty_choices: float = 0.0
+    rate_stall: float = 0.0
     retry_after: str | None = "0"  # Retry-After header value sent with 429 and 503 (None: no header)
     slow_s: float = 5.0  # how late a "slow" answer comes
 
@@ -87,7 +97,7 @@ class FaultPlan:
         return cls(**{f"rate_{kind}": each for kind in FAULT_KINDS}, **overrides)
 
     def rates(self) -> dict[str, float]:
-        return {kind: getattr(self, f"rate_{kind}") for kind in FAULT_KINDS}
+        return {kind: getattr(self, f"rate_{kind}") for kind in (*FAULT_KINDS, *EXTRA_FAULT_KINDS)}
 
     def pick(self, u: float) -> str | None:
         """The fault for a uniform draw `u` in [0, 1), or None (a good answer)."""
@@ -108,6 +118,7 @@ class Reply:
     message: str | None = None
     finish_reason: str = "stop"
     headers: dict[str, str] = field(default_factory=dict)
+    stall: float = 0.0  # seconds of silence: after the first piece of a stream, before a whole answer
 
 
 def _default_reply(request: dict[str, Any]) -> str:
@@ -131,9 +142,15 @@ class FakeOpenAIServer:
         seed: int = 0,
         models: list[str] | None = None,
         api_key: str | None = None,
+        streaming: bool = True,
+        stream_interval: float = 0.0,
+        stream_usage: bool = True,
     ):
         self.reply = reply
         self.latency = latency
+        self.streaming = streaming
+        self.stream_interval = stream_interval
+        self.stream_usage = stream_usage
         self.faults = faults or FaultPlan()
         self.seed = seed
         self.models = list(models) if models is not None else ["fake-model"]
@@ -316,9 +333,15 @@ class FakeOpenAIServer:
                 return await self._send_error(
                     writer, 404, f"The model `{request.get('model')}` does not exist."
                 )
+            stream = bool(request.get("stream"))
+            if stream and not self.streaming:
+                self._count(key, "400")
+                return await self._send_error(writer, 400, "stream=true is not supported by this server")
             if fault is not None:
                 self._count(key, fault)
-                return await self._fault(fault, request, writer)
+                if stream:
+                    return await self._stream_fault(fault, request, writer)
+                return await self._fault("slow" if fault == "stall" else fault, request, writer)
             try:
                 answer = self.reply(request)
             except Exception as exc:  # a bug in the test's reply function: a 500 here, kept for the test
@@ -330,7 +353,12 @@ class FakeOpenAIServer:
                 return await self._send_error(
                     writer, answer.status, answer.message or answer.content, answer.headers
                 )
-            await self._send(writer, 200, _completion(request, answer))
+            stall = answer.stall if isinstance(answer, Reply) else 0.0
+            if stream:
+                await self._stream(writer, request, answer, stall_after_first=stall)
+            else:
+                await asyncio.sleep(stall)
+                await self._send(writer, 200, _completion(request, answer))
             self._count(key, "ok")
             return True
         finally:
@@ -375,6 +403,102 @@ class FakeOpenAIServer:
             await self._send(writer, 200, payload)
             return True
         raise ValueError(f"unknown fault {fault!r}")
+
+    # ------------------------------------------------------------------ streaming
+
+    async def _start_stream(self, writer: asyncio.StreamWriter) -> None:
+        head = [
+            "HTTP/1.1 200 OK",
+            "content-type: text/event-stream; charset=utf-8",
+            "cache-control: no-cache",
+            "transfer-encoding: chunked",
+        ]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        await writer.drain()
+
+    async def _event(self, writer: asyncio.StreamWriter, data: Any) -> None:
+        text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+        payload = f"data: {text}\n\n".encode()
+        writer.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+        await writer.drain()
+
+    async def _end_stream(self, writer: asyncio.StreamWriter) -> None:
+        await self._event(writer, "[DONE]")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async def _stream(
+        self,
+        writer: asyncio.StreamWriter,
+        request: dict[str, Any],
+        answer: str | dict | list | Reply,
+        *,
+        stall_after_first: float = 0.0,
+    ) -> None:
+        """The whole answer as server-sent events (`stall_after_first`: a pause after the first piece)."""
+        events = _stream_events(request, answer, usage=self.stream_usage)
+        await self._start_stream(writer)
+        for i, event in enumerate(events):
+            if _is_content(event) and self.stream_interval > 0:
+                await asyncio.sleep(self.stream_interval)
+            await self._event(writer, event)
+            if i == 1 and stall_after_first > 0:
+                await asyncio.sleep(stall_after_first)
+        await self._end_stream(writer)
+
+    async def _stream_fault(self, fault: str, request: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
+        """A fault as a streaming server shows it: errors and drops before the stream, the rest inside it."""
+        if fault in ("429", "500", "503", "drop"):
+            return await self._fault(fault, request, writer)
+        if fault == "slow":
+            await asyncio.sleep(self.faults.slow_s)
+            await self._stream(writer, request, "too late")
+            return True
+        if fault == "stall":
+            await self._stream(writer, request, "stalled half way", stall_after_first=self.faults.slow_s)
+            return True
+        events = _stream_events(request, "cut short", usage=self.stream_usage)
+        await self._start_stream(writer)
+        if fault == "truncated":
+            for event in events[: len(events) // 2]:
+                await self._event(writer, event)
+            writer.transport.abort()
+            return False
+        if fault == "invalid_json":
+            await self._event(writer, events[0])
+            await self._event(writer, json.dumps(events[1])[:20])
+        elif fault == "wrong_shape":
+            await self._event(writer, {"result": "ok", "output": [1, 2, 3]})
+        elif fault == "empty_choices":
+            await self._event(writer, {**events[0], "choices": []})
+        else:
+            raise ValueError(f"unknown fault {fault!r}")
+        await self._end_stream(writer)
+        return True
+
+
+def _is_content(event: dict[str, Any]) -> bool:
+    choices = event.get("choices") or [{}]
+    return bool(choices[0].get("delta", {}).get("content"))
+
+
+def _stream_events(
+    request: dict[str, Any], answer: str | dict | list | Reply, *, usage: bool
+) -> list[dict[str, Any]]:
+    """The chunks of a streamed answer, as a vLLM-like server sends them (without the final [DONE])."""
+    whole = _completion(request, answer)
+    content = whole["choices"][0]["message"]["content"]
+    base = {k: whole[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return base | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+    events = [chunk({"role": "assistant", "content": ""})]
+    events += [chunk({"content": piece}) for piece in re.findall(r"\s*\S+|\s+", content)]
+    events.append(chunk({}, whole["choices"][0]["finish_reason"]))
+    if usage and (request.get("stream_options") or {}).get("include_usage"):
+        events.append(base | {"choices": [], "usage": whole["usage"]})
+    return events
 
 
 def _completion(request: dict[str, Any], answer: str | dict | list | Reply) -> dict[str, Any]:
@@ -432,6 +556,7 @@ class SilentServer:
 
 
 __all__ = [
+    "EXTRA_FAULT_KINDS",
     "FAULT_KINDS",
     "FakeOpenAIServer",
     "FaultPlan",

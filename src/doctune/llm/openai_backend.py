@@ -10,11 +10,20 @@ await llm.aclose()
 - One `AsyncOpenAI` client per base_url, its connection pool sized to `max_concurrency`; requests go to the
   base_urls in turn (round-robin), and so do retries.
 - `max_concurrency` requests in flight at most; optional requests/tokens per minute (limits.py).
+- Requests stream (`stream=True`, `stream_options.include_usage`), so `timeout` is an IDLE timeout: a request
+  lives as long as the server keeps sending (a slow CPU server, Ollama, a busy vLLM finish long answers) and is
+  abandoned, then retried, only when nothing arrives for `timeout` seconds (a dead or hung server). The
+  pieces are put together into one `Completion`: text, finish_reason, and the token counts of the server's
+  usage chunk; a server that sends none gets completion_tokens = the number of content deltas (about one
+  token each on vLLM, llama.cpp, Ollama, doctune serve) and prompt_tokens = 0 (unknown). A stream that ends
+  without a finish_reason was cut short and is retried. A server that rejects streaming (HTTP 400 whose
+  message names `stream`) gets whole requests from then on; one that answers a streaming request with a
+  plain JSON body is read as such.
 - The SDK's own retries are off. Here: 408, 409, 429, 5xx, timeouts, dropped connections and malformed replies
-  (no choices, a body that is not JSON or not a chat completion) are retried up to `max_retries` times, after a
-  jittered exponential backoff or the server's `Retry-After` (seconds or HTTP date, capped). 400, 413, 422 and
-  other request errors raise `RequestFailed` at once (that request is wrong); 401, 403, 404 raise `LLMError`
-  (the whole run is wrong: key, permissions, model name or URL).
+  (no choices, a body that is not JSON or not a chat completion, an error event in the stream) are retried up
+  to `max_retries` times, after a jittered exponential backoff or the server's `Retry-After` (seconds or HTTP
+  date, capped). 400, 413, 422 and other request errors raise `RequestFailed` at once (that request is
+  wrong); 401, 403, 404 raise `LLMError` (the whole run is wrong: key, permissions, model name or URL).
 - The API key comes from the env var `api_key_env` names ("EMPTY" when unset, as vLLM without auth expects);
   it is never logged and never part of an error message.
 - `json_schema` goes out as `response_format` per `structured_output`: json_schema (strict), json_object, none.
@@ -179,6 +188,73 @@ def _as_completion(reply: Any) -> Completion:
     )
 
 
+def _whole_reply(body: bytes) -> Completion:
+    """A plain JSON chat completion sent in answer to a streaming request."""
+    from openai.types.chat import ChatCompletion
+    from pydantic import ValidationError
+
+    text = body.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+        return _as_completion(ChatCompletion.model_validate(data))
+    except json.JSONDecodeError:
+        raise _Malformed("reply is not JSON", raw=text[:2000]) from None
+    except ValidationError:
+        raise _Malformed("reply is not a chat completion", raw=text[:2000]) from None
+
+
+async def _read_stream(stream: Any) -> Completion:
+    """One Completion out of a chat completion stream (see the module docstring)."""
+    async with stream:  # the response is closed however this ends
+        if "text/event-stream" not in stream.response.headers.get("content-type", "text/event-stream"):
+            return _whole_reply(await stream.response.aread())
+        parts: list[str] = []
+        refusal: list[str] = []
+        finish_reason: str | None = None
+        usage: Any = None
+        raw: list[str] = []
+        async for chunk in stream:
+            if len(raw) < 4:
+                raw.append(_raw(chunk))
+            usage = getattr(chunk, "usage", None) or usage
+            choices = getattr(chunk, "choices", None)
+            if not isinstance(choices, list):
+                raise _Malformed("stream chunk is not a chat completion chunk", "\n".join(raw))
+            for choice in choices:
+                if getattr(choice, "index", 0) != 0:
+                    continue
+                delta = getattr(choice, "delta", None)
+                content = getattr(delta, "content", None)
+                if isinstance(content, str) and content:
+                    parts.append(content)
+                said_no = getattr(delta, "refusal", None)
+                if isinstance(said_no, str) and said_no:
+                    refusal.append(said_no)
+                reason = getattr(choice, "finish_reason", None)
+                finish_reason = reason if isinstance(reason, str) else finish_reason
+    if refusal and not parts:
+        text = "".join(refusal)
+        raise RequestFailed(f"the model refused: {_one_line(text)}", status=200, raw=text)
+    if finish_reason is None:
+        reason = (
+            "the stream ended before the answer did (no finish_reason)" if parts else "reply has no choices"
+        )
+        raise _Malformed(reason, "\n".join(raw) or None)
+    prompt_tokens = getattr(usage, "prompt_tokens", None)
+    completion_tokens = getattr(usage, "completion_tokens", None)
+    return Completion(
+        text="".join(parts),
+        prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else 0,
+        completion_tokens=completion_tokens if isinstance(completion_tokens, int) else len(parts),
+        finish_reason=finish_reason,
+    )
+
+
+def _rejects_streaming(exc: openai.APIStatusError) -> bool:
+    """A 400 that says the server does not stream (rather than that the request itself is wrong)."""
+    return exc.status_code == 400 and "stream" in _server_message(exc).lower()
+
+
 def _raw(reply: Any) -> str:
     try:
         return reply.to_json(indent=None)[:2000]
@@ -186,7 +262,7 @@ def _raw(reply: Any) -> str:
         return repr(reply)[:2000]
 
 
-_RETRYABLE = (openai.APIStatusError, openai.APIConnectionError, json.JSONDecodeError, _Malformed)
+_RETRYABLE = (openai.APIError, json.JSONDecodeError, _Malformed)
 
 
 @dataclass
@@ -238,6 +314,7 @@ class OpenAIBackend:
         self._key_is_set = bool(key)
         self._api_key = key or NO_KEY
         self._state: _LoopState | None = None
+        self._whole_requests: set[str] = set()  # base_urls that rejected streaming: they get whole requests
 
     # ------------------------------------------------------------------ setup
 
@@ -257,6 +334,8 @@ class OpenAIBackend:
 
     def _client(self, base_url: str) -> openai.AsyncOpenAI:
         n = self.cfg.max_concurrency
+        # httpx's read timeout bounds each wait for the next bytes, not the whole request: with streaming,
+        # an idle timeout (a request lives while tokens keep coming)
         timeout = httpx2.Timeout(self.cfg.timeout, connect=min(10.0, self.cfg.timeout))
         http_client = openai.DefaultAsyncHttpx2Client(
             limits=httpx2.Limits(max_connections=n, max_keepalive_connections=n), timeout=timeout
@@ -306,8 +385,7 @@ class OpenAIBackend:
             url = self.base_urls[index]
             try:
                 async with state.limits.slot(tokens):
-                    reply = await state.clients[index].chat.completions.create(**request)
-                return _as_completion(reply)
+                    return await self._attempt(state.clients[index], url, request)
             except _RETRYABLE as exc:
                 failure = self._retryable_failure(exc, url)
             if attempt + 1 == attempts:
@@ -327,6 +405,23 @@ class OpenAIBackend:
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
+    async def _attempt(self, client: openai.AsyncOpenAI, url: str, request: dict[str, Any]) -> Completion:
+        """One try: streamed unless `url` rejected streaming before."""
+        if url not in self._whole_requests:
+            try:
+                stream = await client.chat.completions.create(
+                    **request, stream=True, stream_options={"include_usage": True}
+                )
+            except openai.APIStatusError as exc:
+                if not _rejects_streaming(exc):
+                    raise
+                message = self._redact(_server_message(exc))
+                log.info("%s rejects streaming requests (%s): sending it whole requests", url, message)
+                self._whole_requests.add(url)
+            else:
+                return await _read_stream(stream)
+        return _as_completion(await client.chat.completions.create(**request))
+
     def _retryable_failure(self, exc: Exception, url: str) -> _Failure:
         """What went wrong with one attempt, when another attempt may help. Raises LLMError (401/403/404: the
         run is wrong) or RequestFailed (other 4xx: this request is wrong) when it cannot."""
@@ -339,10 +434,13 @@ class OpenAIBackend:
                 raise RequestFailed(f"HTTP {status} from {url}: {message}", status=status) from None
             return _Failure(f"HTTP {status}: {message}", status, retry_after_seconds(exc.response.headers))
         if isinstance(exc, openai.APITimeoutError):
-            return _Failure(f"no answer within {self.cfg.timeout:g} s")
+            return _Failure(f"nothing received for {self.cfg.timeout:g} s ({self.label}.timeout)")
         if isinstance(exc, openai.APIConnectionError):
             cause = exc.__cause__ or exc
             return _Failure(f"connection failed ({type(cause).__name__}: {_one_line(str(cause), 120)})")
+        if isinstance(exc, openai.APIError):  # an error event inside a stream
+            body = exc.body if isinstance(exc.body, str) else json.dumps(exc.body)
+            return _Failure(f"error in the stream: {self._redact(_one_line(exc.message))}", raw=body)
         if isinstance(exc, json.JSONDecodeError):
             return _Failure(f"reply body is not valid JSON ({exc.msg})", raw=exc.doc[:2000])
         if isinstance(exc, _Malformed):
