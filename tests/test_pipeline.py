@@ -7,6 +7,7 @@ alone; tests/e2e runs the real stages.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import types
 
@@ -134,6 +135,36 @@ def test_overview_lists_every_stage_and_the_report(fake_stages, cfg):
     outcomes = pipeline.run(cfg)
     table = dict(pipeline.overview(cfg, outcomes).rows)
     assert {"wall time: ingest", "wall time: generate", "wall time: curate"} <= set(table)
+
+
+def test_overview_shows_key_facts_first_and_the_style_flag(fake_stages, cfg):
+    outcomes = pipeline.run(cfg)
+    est = {"mean": 0.5, "ci": [0.25, 0.75], "n": 8}
+    flag = "finetuned writes more like the references (ROUGE-L +0.15) but ...: it learnt the style, not the facts."
+    summary = {
+        "metric_names": ["key_fact_recall", "rouge1", "rougeL"],
+        "metrics": {
+            c: {m: est for m in ("rouge1", "rougeL", "key_fact_recall")} for c in ("finetuned", "base")
+        },
+        "comparison": {
+            "a": "finetuned",
+            "b": "base",
+            "metrics": {m: est for m in ("rouge1", "rougeL", "key_fact_recall")},
+            "style_without_facts": flag,
+        },
+    }
+    (cfg.run_path / "eval").mkdir()
+    (cfg.run_path / "eval" / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    result = pipeline.overview(cfg, outcomes)
+    eval_rows = [what for what, _ in result.rows if ": " in what and not what.startswith("wall time")]
+    assert eval_rows[:4] == [
+        "key_fact_recall: finetuned",
+        "key_fact_recall: base",
+        "key_fact_recall: finetuned − base",
+        "rouge1: finetuned",
+    ]
+    assert dict(result.rows)["key_fact_recall: finetuned"] == "0.500 [0.250, 0.750]"
+    assert result.warnings == [flag]
 
 
 def test_an_interrupted_stage_is_told_to_resume_and_new_inputs_start_over(fake_stages, cfg, monkeypatch):

@@ -204,6 +204,7 @@ def overview(cfg: Config, outcomes: list[StageOutcome]) -> Summary:
                 summary.add(label, counts[key])
     summary.rows += _training_rows(cfg.run_path / "adapter" / "metrics.json")
     summary.rows += _eval_rows(cfg.run_path / "eval" / "summary.json")
+    summary.warnings += _eval_warnings(cfg.run_path / "eval" / "summary.json")
     spent = {"prompt": 0, "completion": 0}
     for entry in stages.values():
         for key, value in entry.get("tokens", {}).items():
@@ -251,17 +252,31 @@ def _eval_rows(path: Path) -> list[tuple[str, str]]:
         return []
     data = json.loads(path.read_text(encoding="utf-8"))
     rows = []
-    for name, metrics in (data.get("metrics") or {}).items():
-        for metric, agg in metrics.items():
-            rows.append((f"{metric}: {name}", _mean_ci(agg)))
+    per_candidate = data.get("metrics") or {}
     comparison = data.get("comparison") or {}
-    for metric, diff in (comparison.get("metrics") or {}).items():
-        rows.append((f"{metric}: {comparison['a']} − {comparison['b']}", _mean_ci(diff)))
+    diffs = comparison.get("metrics") or {}
+    names = data.get("metric_names") or list(dict.fromkeys(m for ms in per_candidate.values() for m in ms))
+    for metric in names:  # summary.json lists key facts first: style alone must not look like a win
+        for name, metrics in per_candidate.items():
+            if metric in metrics:
+                rows.append((f"{metric}: {name}", _mean_ci(metrics[metric])))
+        if metric in diffs:
+            rows.append((f"{metric}: {comparison['a']} − {comparison['b']}", _mean_ci(diffs[metric])))
     pair = data.get("pairwise")
     if pair:
         outcome = f"{pair['win']} win / {pair['tie']} tie / {pair['loss']} loss ({pair['missing']} missing)"
         rows.append((f"pairwise judge: {pair['a']} vs {pair['b']}", outcome))
     return rows
+
+
+def _eval_warnings(path: Path) -> list[str]:
+    """The eval's "style, not facts" sentence, when it wrote one."""
+    import json
+
+    if not path.is_file():
+        return []
+    flag = (json.loads(path.read_text(encoding="utf-8")).get("comparison") or {}).get("style_without_facts")
+    return [flag] if flag else []
 
 
 def _mean_ci(agg: dict[str, Any]) -> str:

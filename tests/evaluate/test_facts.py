@@ -168,6 +168,8 @@ def test_a_number_with_a_unit_needs_the_same_unit(answer, hit):
         ("Run 3 replicas.", "three replicas or 3 replica sets", True),
         ("Run 3 replicas.", "3 nodes", False),
         ("Timeouts after 250 ms.", "250 milliseconds", True),
+        ("Setting 3 controls the speed.", "Setting 3 sets the speed.", True),  # a verb is no unit
+        ("It serves 50 concurrent users.", "up to 50 users", True),  # nor an adjective
     ],
 )
 def test_units(reference, answer, hit):

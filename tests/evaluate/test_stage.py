@@ -128,6 +128,20 @@ def test_eval_writes_every_output_and_rouge_matches_rouge_score(tmp_path, server
     assert [i for i, r in ft.items() if r["pairwise"]["outcome"] == "loss"] == [3]
     assert all(r["pairwise"]["outcome"] == "win" for i, r in ft.items() if i != 3)
 
+    # key facts: each reference's setting number; the fine-tuned model states all but item 3's, base only that
+    assert all(r["facts"] == [str(r["index"])] for r in rows)
+    assert [r["index"] for r in rows if r["facts_hit"]] == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert [r["candidate"] for r in rows if r["facts_hit"] and r["index"] == 3] == ["base"]
+    assert summ["metric_names"][0] == "key_fact_recall"
+    assert summ["metrics"]["finetuned"]["key_fact_recall"]["mean"] == pytest.approx(7 / 8)
+    assert summ["metrics"]["base"]["key_fact_recall"]["mean"] == pytest.approx(1 / 8)
+    assert summ["key_facts"]["stated"] == {"finetuned": {"hit": 7, "of": 8}, "base": {"hit": 1, "of": 8}}
+    assert summ["comparison"]["style_without_facts"] is None  # the facts rose with the style
+    assert md.index("| key facts stated |") < md.index("| ROUGE-1 |")
+    assert (
+        summary.rows[1][0] == "items with key facts" and summary.rows[2][0] == "key facts stated · finetuned"
+    )
+
     n = len(ITEMS)
     m = summ["metrics"]
     assert m["finetuned"]["judge_score"]["mean"] == pytest.approx((10 * (n - 1) + 2) / n)
@@ -148,7 +162,7 @@ def test_eval_writes_every_output_and_rouge_matches_rouge_score(tmp_path, server
     # reports: the numbers, the pairwise result, the worst items, escaped model text, nothing external
     assert "win 7 / tie 0 / loss 1" in md and "ROUGE-L" in md
     assert "### Item 3" in md and "<h3>Item 3" in html
-    assert "&lt;script&gt;" in html and "<script>" not in html and "<script>" not in md
+    assert "&lt;script&gt;alert" in html and "<script>alert" not in html and "<script>" not in md
     assert "data:image/png;base64," in html
     assert not re.search(r"""(src|href)=['"]?(https?:|//)""", html)
     assert "Where finetuned lost most against base" in md
@@ -217,7 +231,7 @@ def test_failed_answers_are_listed_and_left_out(tmp_path):
     rows, summ, md, _ = outputs(cfg)
     failed = [r for r in rows if r["answer_error"]]
     assert [(r["index"], r["candidate"]) for r in failed] == [(0, "base")]
-    assert failed[0]["metrics"] == {} and failed[0]["judge"] is None
+    assert failed[0]["metrics"] == {} and failed[0]["judge"] is None and failed[0]["facts_hit"] is None
     assert summ["metrics"]["base"]["rougeL"]["n"] == len(ITEMS) - 1
     assert summ["metrics"]["finetuned"]["judge_yes"]["mean"] == pytest.approx((len(ITEMS) - 1) / len(ITEMS))
     assert summ["metrics"]["base"]["judge_yes"]["mean"] == pytest.approx(1 / (len(ITEMS) - 1))  # item 3 only

@@ -18,7 +18,8 @@ A key fact is one of (found in this order; a span claimed by one kind is not sea
 A candidate states a fact when (see `facts_hit`):
 
 - numbers are equal as numbers (7300 = 7,300 = 7 300; 2.0 = 2; 6,50 = 6.5) and, when the reference gives a
-  unit, the candidate gives the same unit right after the number (within two words) or a currency before it:
+  unit (a currency, %, a size, a duration, a counted thing such as users or replicas: see `_UNIT_GROUPS` and
+  `_COUNTED`), the candidate gives the same unit right after the number (within two words) or a currency before it:
   "6 euros" is stated by "6 EUR" and "€6", not by "6 dollars" or a bare "6";
 - names and identifiers match case-insensitively as whole words; quoted spans case-insensitively, code spans
   exactly (both with any run of whitespace equal to any other).
@@ -67,7 +68,7 @@ _MONTHS = {
 }
 _MONTH_RE = "|".join(sorted(_MONTHS, key=len, reverse=True))
 
-# surface form (lower case) → canonical unit; words not listed that end in "s" are units too ("3 replicas")
+# surface form (lower case) → canonical unit
 _UNIT_GROUPS = {
     "eur": "€ eur euro euros",
     "usd": "$ usd dollar dollars dólar dólares",
@@ -95,12 +96,15 @@ _UNIT_GROUPS = {
     "kg": "kg kilogram kilograms g gram grams",
     "x": "x times fach fois veces",
     "k": "k",
-    "tokens": "tokens token",
-    "users": "users user",
-    "gpu": "gpu gpus",
     "cpu": "cpu cpus core cores",
 }
+# things counted after a number ("3 replicas", "50 users"), singular; a plural adds "s". Other words after a
+# number are no unit: "Setting 3 controls" must not ask an answer for "3 controls".
+_COUNTED = """user seat license licence member replica node instance server machine worker thread process request
+    call connection token page file document item step epoch attempt retry message question answer project team
+    device gpu key column row table record character word line letter digit port plan tier edition"""
 _UNITS = {form: canon for canon, forms in _UNIT_GROUPS.items() for form in forms.split()}
+_UNITS |= {form: noun for noun in _COUNTED.split() for form in (noun, noun + "s")}
 # written right after the number in Chinese and Japanese ("6欧元", "30天")
 _CJK_UNITS = {
     "欧元": "eur",
@@ -213,23 +217,21 @@ def number_key(text: str) -> str | None:
 
 
 def unit_key(word: str, *, any_word: bool = False) -> str | None:
-    """The canonical unit of a word after (or a currency before) a number; None: not a unit. A word not in the
-    table is a unit when it is a lower-case plural ("3 replicas"), or, with `any_word` (the answer's side),
-    any lower-case word that is not a function word ("3 replica sets").
+    """The canonical unit of a word after (or a currency before) a number; None: not a unit. Words outside the
+    table are units only with `any_word` (the answer's side: "3 replica sets" names replicas): any lower-case
+    word that is not a function word, less a plural "s".
 
-    >>> [unit_key(w) for w in ["euros", "EUR", "€", "Days", "GB", "replicas", "by", "concurrent", "Lumen"]]
+    >>> [unit_key(w) for w in ["euros", "EUR", "€", "Days", "GB", "replicas", "by", "controls", "Lumen"]]
     ['eur', 'eur', 'eur', 'day', 'gb', 'replica', None, None, None]
-    >>> unit_key("replica"), unit_key("replica", any_word=True)
-    (None, 'replica')
+    >>> unit_key("sets"), unit_key("sets", any_word=True)
+    (None, 'set')
     """
     low = word.rstrip(".").lower()
     if low in _UNITS:
         return _UNITS[low]
-    if low in _FUNCTION_WORDS or not word[:1].islower() or len(low) < 3:
+    if not any_word or low in _FUNCTION_WORDS or not word[:1].islower() or len(low) < 3:
         return None
-    if low.endswith("s"):
-        return low[:-1]
-    return low if any_word else None
+    return low[:-1] if low.endswith("s") else low
 
 
 def _units_after(text: str, end: int, words: int) -> list[str]:

@@ -7,12 +7,17 @@ Everything here is a pure function of summary.json's content and the result rows
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
+import json
 from collections.abc import Sequence
 from typing import Any
 
+from doctune.evaluate import facts
+
 LABELS = {
+    "key_fact_recall": "key facts stated",
     "rouge1": "ROUGE-1",
     "rouge2": "ROUGE-2",
     "rougeL": "ROUGE-L",
@@ -24,6 +29,7 @@ LABELS = {
     "judge_yes": "judge YES rate",
 }
 UNIT_METRICS = (
+    "key_fact_recall",
     "rouge1",
     "rouge2",
     "rougeL",
@@ -34,6 +40,8 @@ UNIT_METRICS = (
     "judge_yes",
 )
 WORST_LIMIT = 10
+STYLE_METRICS = ("rougeL", "similarity")  # named first when they rise; other ROUGE variants only without them
+ROUGE_VARIANTS = ("rouge1", "rouge2", "rougeLsum")
 
 
 def label(metric: str) -> str:
@@ -74,6 +82,8 @@ def headline_metric(summary: dict[str, Any]) -> str:
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     """(what, value) rows of the closing table: every metric per candidate, the paired differences, failures."""
     rows: list[tuple[str, str]] = [("items", str(summary["eval_set"]["items"]))]
+    if summary.get("key_facts"):
+        rows.append(("items with key facts", key_facts_line(summary)))
     for metric in summary["metric_names"]:
         for cand in summary["candidates"]:
             rows.append((f"{label(metric)} · {cand}", fmt_estimate(summary["metrics"][cand].get(metric))))
@@ -96,6 +106,59 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     if summary.get("judge"):
         rows.append(("missing judgements", f"{failures['missing_judgements']} of {failures['judgements']}"))
     return rows
+
+
+def key_facts_line(summary: dict[str, Any]) -> str:
+    """`6 of 8 (2 without key facts, left out of its mean); stated: finetuned 5 of 9, base 0 of 9`."""
+    kf = summary["key_facts"]
+    stated = ", ".join(f"{c} {s['hit']} of {s['of']}" for c, s in kf["stated"].items())
+    return (
+        f"{kf['items_with_facts']} of {kf['items_with_facts'] + kf['items_without_facts']} "
+        f"({kf['items_without_facts']} without key facts, left out of its mean); facts stated: {stated}"
+    )
+
+
+def _rose(est: dict[str, Any] | None, sign: int) -> bool:
+    """Whether the paired difference (times `sign`) has its whole 95% CI above zero."""
+    if not est or est.get("mean") is None:
+        return False
+    low, high = est["ci"]
+    return (low > 0) if sign > 0 else (high < 0)
+
+
+def style_without_facts(summary: dict[str, Any]) -> str | None:
+    """A sentence when one candidate writes more like the references (ROUGE or similarity: paired difference
+    CI above zero) but does not state more of their key facts (CI includes zero or is below); else None.
+
+    >>> est = lambda m, lo, hi: {"mean": m, "ci": [lo, hi], "n": 8}
+    >>> s = {"comparison": {"a": "finetuned", "b": "base", "metrics": {
+    ...     "key_fact_recall": est(0.02, -0.05, 0.09), "rougeL": est(0.15, 0.04, 0.3)}}}
+    >>> print(style_without_facts(s))  # doctest: +NORMALIZE_WHITESPACE
+    finetuned writes more like the references (ROUGE-L +0.15) but does not state more of their facts
+    (key facts +0.02, CI [-0.05, +0.09]): it learnt the style, not the facts.
+    """
+    comp = summary.get("comparison")
+    if not comp:
+        return None
+    diffs = comp["metrics"]
+    key = diffs.get(facts.KEY_FACTS)
+    if not key or key.get("mean") is None:
+        return None
+    for sign, winner in ((1, comp["a"]), (-1, comp["b"])):
+        if _rose(key, sign):
+            continue
+        rising = [m for m in STYLE_METRICS if _rose(diffs.get(m), sign)]
+        rising = rising or [m for m in ROUGE_VARIANTS if _rose(diffs.get(m), sign)][:1]
+        if not rising:
+            continue
+        style = ", ".join(f"{label(m)} {sign * diffs[m]['mean']:+.2f}" for m in rising)
+        low, high = sorted(sign * v for v in key["ci"])
+        fewer = "states fewer of their facts" if high < 0 else "does not state more of their facts"
+        return (
+            f"{winner} writes more like the references ({style}) but {fewer} (key facts "
+            f"{sign * key['mean']:+.2f}, CI [{low:+.2f}, {high:+.2f}]): it learnt the style, not the facts."
+        )
+    return None
 
 
 # ----------------------------------------------------------------------------------------- worst items
@@ -211,7 +274,16 @@ def _header_lines(summary: dict[str, Any]) -> list[str]:
 def render_markdown(summary: dict[str, Any], worst: Sequence[dict[str, Any]]) -> str:
     cands = list(summary["candidates"])
     lines = ["# doctune eval report", "", *_header_lines(summary), ""]
+    flag = style_without_facts(summary)
+    if flag:
+        lines += [f"> **Style, not facts:** {_md_cell(flag)}", ""]
     lines += ["## Metrics (mean [95% bootstrap CI], n items)", ""]
+    if summary.get("key_facts"):
+        lines += [
+            f"Key facts (numbers with units, names, quoted and code spans of the reference): items with "
+            f"key facts {_md_cell(key_facts_line(summary))}.",
+            "",
+        ]
     lines += ["| metric | " + " | ".join(cands) + " |", "|---|" + "---|" * len(cands)]
     for metric in summary["metric_names"]:
         cells = [
@@ -243,9 +315,9 @@ def render_markdown(summary: dict[str, Any], worst: Sequence[dict[str, Any]]) ->
         *(f"  - {_md_cell(x)}" for x in failed),
     ]
     if comp:
-        lines += ["", f"## Where {comp['a']} lost most against {comp['b']}", ""]
+        lines += ["", f"## {worst_title(summary)}", ""]
         if not worst:
-            lines.append(f"No item where {comp['a']} scored below {comp['b']}.")
+            lines.append(no_worst_sentence(summary))
         for w in worst:
             ra, rb = w["a"], w["b"]
             gap = f"{label(comp['ranking_metric'])} gap {w['gap']:.3f}" if w["gap"] is not None else ""
@@ -261,6 +333,27 @@ def render_markdown(summary: dict[str, Any], worst: Sequence[dict[str, Any]]) ->
                 lines.append(f"| *judge* | {_md_cell(_judge_text(ra))} | {_md_cell(_judge_text(rb))} |")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def worst_title(summary: dict[str, Any]) -> str:
+    comp = summary["comparison"]
+    by = label(comp["ranking_metric"])
+    pairwise = ", then pairwise losses first" if summary.get("pairwise") else ""
+    return f"Where {comp['a']} lost most against {comp['b']} (by {by}{pairwise})"
+
+
+def no_worst_sentence(summary: dict[str, Any]) -> str:
+    """What an empty "lost most" list means, for the metric it ranks by (other metrics may differ)."""
+    comp = summary["comparison"]
+    metric = comp["ranking_metric"]
+    paired = (comp["metrics"].get(metric) or {}).get("n", 0)
+    lost = " nor lost the pairwise judgement" if summary.get("pairwise") else ""
+    if not paired:
+        return f"No item has a {label(metric)} for both {comp['a']} and {comp['b']}{lost}."
+    return (
+        f"No item where {comp['a']} scored below {comp['b']} on {label(metric)}{lost} ({paired} items compared; "
+        "other metrics may differ)."
+    )
 
 
 def failure_lines(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -290,22 +383,76 @@ body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1200px;padding:
 table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.3rem .6rem;
 vertical-align:top;text-align:left}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .side td{width:33%;white-space:pre-wrap}img{max-width:100%}code{background:#f3f3f3;padding:0 .2rem}
-.muted{color:#777}
+.muted{color:#777}.flag{background:#fff4d6;border-left:4px solid #e0a100;padding:.5rem 1rem}
+mark{background:#c9f2c7;padding:0 .1rem}mark.fact{background:#e6e6ff}
+table.items td{white-space:pre-wrap;max-width:24rem;font-size:.92rem}.items .m{white-space:normal;color:#555;
+font-size:.8rem;margin-top:.3rem}th.sortable{cursor:pointer;text-decoration:underline dotted}
 """
+
+# Sorts the table of every item by the difference of two candidates on a chosen metric; plain JS, no library.
+_ITEMS_JS = """
+(function () {
+  var table = document.getElementById('items-table');
+  if (!table) return;
+  var body = table.tBodies[0], head = document.getElementById('sort-diff');
+  var pick = {m: 'sort-metric', a: 'sort-a', b: 'sort-b'}, dir = 0, values = new Map();
+  for (var k in pick) pick[k] = document.getElementById(pick[k]);
+  Array.prototype.forEach.call(body.rows, function (tr) { values.set(tr, JSON.parse(tr.dataset.values)); });
+  function diff(tr) {
+    var v = values.get(tr), x = (v[pick.a.value] || {})[pick.m.value], y = (v[pick.b.value] || {})[pick.m.value];
+    return (x === null || x === undefined || y === null || y === undefined) ? null : x - y;
+  }
+  function refresh() {
+    Array.prototype.forEach.call(body.rows, function (tr) {
+      var d = diff(tr);
+      tr.querySelector('td.diff').textContent = d === null ? 'n/a' : (d >= 0 ? '+' : '') + d.toFixed(3);
+    });
+    document.getElementById('diff-label').textContent =
+      pick.m.options[pick.m.selectedIndex].text + ': ' + pick.a.value + ' \u2212 ' + pick.b.value;
+  }
+  function sort() {
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (r, s) {
+      var d = diff(r), e = diff(s), i = r.dataset.index - s.dataset.index;
+      if (d === null || e === null) return (d === null) - (e === null) || i;
+      return dir * (d - e) || i;
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+    head.setAttribute('aria-sort', dir > 0 ? 'ascending' : 'descending');
+    document.getElementById('sort-arrow').textContent = dir > 0 ? '\u25b2' : '\u25bc';
+  }
+  head.addEventListener('click', function () { dir = dir === 1 ? -1 : 1; sort(); });
+  head.addEventListener('keydown', function (e) { if (e.key === 'Enter' || e.key === ' ') head.click(); });
+  [pick.m, pick.a, pick.b].forEach(function (s) {
+    s.addEventListener('change', function () { refresh(); if (dir) sort(); });
+  });
+  refresh();
+})();
+"""
+_ITEMS_JS_HASH = base64.b64encode(hashlib.sha256(_ITEMS_JS.encode()).digest()).decode()
+# model text is escaped; the policy also keeps any script but ours from running, and nothing loads from outside
+_CSP = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{_ITEMS_JS_HASH}'"
 
 
 def _h(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def render_html(summary: dict[str, Any], worst: Sequence[dict[str, Any]], chart_png: bytes | None) -> str:
-    """A single self-contained page: no external assets, every model-written string escaped."""
+def render_html(
+    summary: dict[str, Any],
+    worst: Sequence[dict[str, Any]],
+    chart_png: bytes | None,
+    rows: Sequence[dict[str, Any]] = (),
+) -> str:
+    """A single self-contained page: no external assets, every model-written string escaped; with `rows`
+    (results.jsonl), a table of every item side by side, sortable in the browser."""
     cands = list(summary["candidates"])
     dec = summary["decoding"]
     judge = summary.get("judge")
     out = [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8"><title>doctune eval report</title>',
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
         f"<style>{_CSS}</style></head><body>",
         "<h1>doctune eval report</h1><ul>",
         f"<li>Eval set: <code>{_h(summary['eval_set']['path'])}</code> ({summary['eval_set']['items']} items)</li>",
@@ -325,7 +472,16 @@ def render_html(summary: dict[str, Any], worst: Sequence[dict[str, Any]], chart_
         if judge
         else "<li>Judge: none</li>"
     )
-    out.append("</ul><h2>Metrics <span class='muted'>(mean [95% bootstrap CI], n items)</span></h2>")
+    out.append("</ul>")
+    flag = style_without_facts(summary)
+    if flag:
+        out.append(f"<p class='flag' id='style-flag'><b>Style, not facts:</b> {_h(flag)}</p>")
+    out.append("<h2>Metrics <span class='muted'>(mean [95% bootstrap CI], n items)</span></h2>")
+    if summary.get("key_facts"):
+        out.append(
+            "<p>Key facts are the numbers with their units, names, quoted and code spans of each reference "
+            f"answer. Items with key facts: {_h(key_facts_line(summary))}.</p>"
+        )
     out.append("<table><tr><th>metric</th>" + "".join(f"<th>{_h(c)}</th>" for c in cands) + "</tr>")
     for metric in summary["metric_names"]:
         cells = "".join(
@@ -361,10 +517,12 @@ def render_html(summary: dict[str, Any], worst: Sequence[dict[str, Any]], chart_
     out.append("<h2>Failures</h2><ul>" + "".join(f"<li>{_h(line)}</li>" for line in facts) + "</ul>")
     if failed:
         out.append("<ul class='muted'>" + "".join(f"<li>{_h(line)}</li>" for line in failed) + "</ul>")
+    if rows:
+        out += items_table(summary, rows)
     if comp:
-        out.append(f"<h2>Where {_h(comp['a'])} lost most against {_h(comp['b'])}</h2>")
+        out.append(f"<h2>{_h(worst_title(summary))}</h2>")
         if not worst:
-            out.append(f"<p>No item where {_h(comp['a'])} scored below {_h(comp['b'])}.</p>")
+            out.append(f"<p>{_h(no_worst_sentence(summary))}</p>")
         for w in worst:
             ra, rb = w["a"], w["b"]
             notes = []
@@ -386,5 +544,110 @@ def render_html(summary: dict[str, Any], worst: Sequence[dict[str, Any]], chart_
                     f"<tr><td><i>judge</i></td><td>{_h(_judge_text(ra))}</td><td>{_h(_judge_text(rb))}</td></tr>"
                 )
             out.append("</table>")
+    if rows:
+        out.append(f"<script>{_ITEMS_JS}</script>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------- every item
+
+
+def highlight(text: str, spans: Sequence[tuple[int, int]], css: str = "") -> str:
+    """`text` escaped, with each span wrapped in <mark> (overlapping spans merged).
+
+    >>> highlight("port <7300>", [(6, 10)])
+    'port &lt;<mark>7300</mark>&gt;'
+    """
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    out, pos = [], 0
+    tag = f"<mark class='{css}'>" if css else "<mark>"
+    for start, end in merged:
+        out += [_h(text[pos:start]), tag, _h(text[start:end]), "</mark>"]
+        pos = end
+    out.append(_h(text[pos:]))
+    return "".join(out)
+
+
+def _fmt_value(metric: str, value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:g}" if metric in ("judge_score", "exact_match", "judge_yes") else f"{value:.3f}"
+
+
+def _answer_cell(row: dict[str, Any], found: list[facts.Fact], metric_names: Sequence[str]) -> str:
+    answer = row.get("answer")
+    if answer is None:
+        return f"<td><i>no answer: {_h(row.get('answer_error') or '')}</i></td>"
+    hit = set(row.get("facts_hit") or [])
+    spans = [span for f in found if f.text in hit for span in facts.fact_spans(f, answer)]
+    metrics = row.get("metrics") or {}
+    parts = []
+    for metric in metric_names:
+        value = metrics.get(metric)
+        if metric == facts.KEY_FACTS:
+            shown = f"{len(hit)} of {len(found)}" if found else "none in the reference"
+            listed = f": {', '.join(f.text for f in found if f.text in hit)}" if hit else ""
+            parts.append(f"{label(metric)} {shown}{listed}")
+        else:
+            parts.append(f"{label(metric)} {_fmt_value(metric, value)}")
+    judge = _judge_text(row)
+    if judge:
+        parts.append(f"judge: {judge}")
+    return f"<td>{highlight(answer, spans)}<div class='m'>{_h(' · '.join(parts))}</div></td>"
+
+
+def items_table(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The table of every item: question, reference (key facts marked), each candidate's answer (facts it
+    states marked) with its metrics, and the difference of two candidates, which the page's script sorts by."""
+    cands = list(summary["candidates"])
+    metric_names = summary["metric_names"]
+    comp = summary.get("comparison") or {}
+    a, b = comp.get("a", cands[0]), comp.get("b", cands[-1])
+    by_item: dict[int, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_item.setdefault(row["index"], {})[row["candidate"]] = row
+    options = "".join(f"<option value='{_h(m)}'>{_h(label(m))}</option>" for m in metric_names)
+
+    def pick(name: str, chosen: str) -> str:
+        opts = "".join(
+            f"<option value='{_h(c)}'{' selected' if c == chosen else ''}>{_h(c)}</option>" for c in cands
+        )
+        return f"<select id='{name}'>{opts}</select>"
+
+    out = [
+        "<h2 id='items'>Every item side by side</h2>",
+        "<p>Key facts of the reference are marked in it, and in each answer those it states. Sort by the "
+        f"difference of <select id='sort-metric'>{options}</select> between {pick('sort-a', a)} and "
+        f"{pick('sort-b', b)}: click the last column's header (again to reverse).</p>",
+        "<table id='items-table' class='items'><thead><tr><th>#</th><th>question</th><th>reference</th>"
+        + "".join(f"<th>{_h(c)}</th>" for c in cands)
+        + "<th id='sort-diff' class='sortable' role='button' tabindex='0' aria-sort='none'>difference: "
+        f"<span id='diff-label'>{_h(label(metric_names[0]))}: {_h(a)} − {_h(b)}</span> "
+        "<span id='sort-arrow'>⇅</span></th></tr></thead><tbody>",
+    ]
+    for index in sorted(by_item):
+        item = by_item[index]
+        first = next(iter(item.values()))
+        found = facts.key_facts(first["reference"])
+        ref_spans = [span for f in found for span in facts.fact_spans(f, first["reference"])]
+        values = {c: (r.get("metrics") or {}) for c, r in item.items()}
+        va, vb = values.get(a, {}).get(metric_names[0]), values.get(b, {}).get(metric_names[0])
+        diff = f"{va - vb:+.3f}" if va is not None and vb is not None else "n/a"
+        facts_note = f"key facts: {', '.join(f.text for f in found)}" if found else "no key facts"
+        cells = "".join(
+            _answer_cell(item[c], found, metric_names) if c in item else "<td></td>" for c in cands
+        )
+        out.append(
+            f"<tr data-index='{index}' data-values='{_h(json.dumps(values, sort_keys=True))}'>"
+            f"<td class='num'>{index}</td><td>{_h(first['question'])}</td>"
+            f"<td>{highlight(first['reference'], ref_spans, 'fact')}<div class='m'>{_h(facts_note)}</div></td>"
+            f"{cells}<td class='num diff'>{diff}</td></tr>"
+        )
+    out.append("</tbody></table>")
+    return out

@@ -1,5 +1,5 @@
 """The eval stage: every candidate answers every eval question; answers are scored against the reference
-(ROUGE, token F1, exact match, MiniLM similarity, LLM judge) and, optionally, judged head to head.
+(key facts stated, ROUGE, token F1, exact match, MiniLM similarity, LLM judge) and, optionally, judged head to head.
 
 eval set + candidates → {run_dir}/eval/results.jsonl (one row per item × candidate), summary.json (means with
 95% bootstrap CIs, paired differences, pairwise verdicts, failures), report.md and report.html.
@@ -28,7 +28,7 @@ from typing import Any
 from doctune.config import Config
 from doctune.errors import ConfigError, FailureRateError, InputError
 from doctune.evalset import EvalItem, load_eval_set
-from doctune.evaluate import report, stats
+from doctune.evaluate import facts, report, stats
 from doctune.evaluate.judge import Judge, PairVerdict, Verdict
 from doctune.evaluate.metrics import LEXICAL_METRICS, SIMILARITY
 from doctune.evaluate.scoring import Scoring
@@ -303,13 +303,42 @@ async def _evaluate(run: _Run) -> None:
             await asyncio.gather(chart_libs, return_exceptions=True)
         await asyncio.gather(*(llm.aclose() for llm in llms.values()), return_exceptions=True)
     for key, row in run.rows.items():
-        row["metrics"] = dict(sorted(metrics.get(key, {}).items()))
+        row["metrics"] = dict(metrics.get(key, {}))
+        _add_facts(row)
+        row["metrics"] = dict(sorted(row["metrics"].items()))
         judge_row = row.get("judge")
         if judge_row and judge_row["score"] is not None:
             row["metrics"][_judge_metric(cfg)] = judge_row["score"]
         verdict = run.pairs.get(row["index"])
         if verdict is not None and row["candidate"] in run.pair:
             row["pairwise"] = _pair_dict(verdict, row["candidate"], run.pair)
+
+
+def _add_facts(row: dict[str, Any]) -> None:
+    """The reference's key facts, those the answer states, and their share (None: the reference has none)."""
+    found = facts.key_facts(row["reference"])
+    row["facts"] = [f.text for f in found]
+    row["facts_hit"] = None
+    if row["answer"] is None:
+        return
+    row["facts_hit"] = facts.facts_hit(found, row["answer"])
+    row["metrics"][facts.KEY_FACTS] = len(row["facts_hit"]) / len(found) if found else None
+
+
+def _key_fact_counts(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """How many items have key facts (the others are left out of the key-fact mean) and how many of the facts
+    each candidate stated."""
+    per_item = {r["index"]: len(r["facts"]) for r in rows}
+    answered = {n: [r for r in rows if r["candidate"] == n and r["facts_hit"] is not None] for n in names}
+    return {
+        "items_with_facts": sum(1 for n in per_item.values() if n),
+        "items_without_facts": sum(1 for n in per_item.values() if not n),
+        "facts": sum(per_item.values()),
+        "stated": {
+            n: {"hit": sum(len(r["facts_hit"]) for r in rs), "of": sum(len(r["facts"]) for r in rs)}
+            for n, rs in answered.items()
+        },
+    }
 
 
 def _judge_metric(cfg: Config) -> str:
@@ -336,7 +365,7 @@ def _pair_dict(verdict: PairVerdict, candidate: str, pair: tuple[str, str]) -> d
 def build_summary(run: _Run, rows: list[dict[str, Any]], eval_path: Path, eval_sha: str, source: str) -> dict:
     cfg = run.cfg
     names = [c.name for c in run.candidates]
-    metric_names = list(LEXICAL_METRICS)
+    metric_names = [facts.KEY_FACTS, *LEXICAL_METRICS]  # facts first: style alone must not look like a win
     if run.similarity:
         metric_names.append(SIMILARITY)
     if cfg.eval.judge is not None:
@@ -369,6 +398,7 @@ def build_summary(run: _Run, rows: list[dict[str, Any]], eval_path: Path, eval_s
         "judge": judge,
         "metric_names": metric_names,
         "metrics": stats.aggregate(rows, names, metric_names),
+        "key_facts": _key_fact_counts(rows, names),
         "comparison": None,
         "pairwise": None,
         "failures": {
@@ -391,6 +421,7 @@ def build_summary(run: _Run, rows: list[dict[str, Any]], eval_path: Path, eval_s
             "ranking_metric": report.headline_metric(summary),
             "metrics": stats.compare(rows, a, b, metric_names),
         }
+        summary["comparison"]["style_without_facts"] = report.style_without_facts(summary)
     if run.pair:
         outcomes = [run.pairs[i.index].outcome for i in run.items if i.index in run.pairs]
         summary["pairwise"] = {"a": run.pair[0], "b": run.pair[1], **stats.pairwise_summary(outcomes)}
@@ -455,7 +486,8 @@ def run(
     atomic_write_jsonl(out_dir / "results.jsonl", rows)
     atomic_write_json(out_dir / "summary.json", summary)
     atomic_write_text(out_dir / "report.md", report.render_markdown(summary, worst))
-    atomic_write_text(out_dir / "report.html", report.render_html(summary, worst, report.bar_chart(summary)))
+    page = report.render_html(summary, worst, report.bar_chart(summary), rows)
+    atomic_write_text(out_dir / "report.html", page)
     failures = summary["failures"]
     rec.counts = {
         "items": len(items),
@@ -474,6 +506,8 @@ def run(
         rows=report.summary_rows(summary),
         outputs=[str(out_dir / n) for n in ("results.jsonl", "summary.json", "report.md", "report.html")],
     )
+    if comp and comp["style_without_facts"]:
+        result.warnings.append(comp["style_without_facts"])
     if failures["missing_judgements"]:
         result.warnings.append(
             f"{failures['missing_judgements']} of {failures['judgements']} judgements are missing (failed or "
