@@ -210,6 +210,7 @@ def test_every_item_side_by_side_with_facts_marked_and_model_text_escaped(lumen_
         f"{by_key['finetuned', i] - by_key['base', i]:+.3f}" for i in range(len(LUMEN))
     ]
     assert "<mark class='fact'>7300</mark>" in page  # the reference's facts are marked
+    assert "<mark class='fact'>6 euros</mark>" in page  # with their units
     assert "Webhooks arrived in version <mark>2.4.0</mark> of <mark>Lumen Relay</mark>." in page
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     # the sort control: a metric, two candidates, a clickable header, and the script the page allows

@@ -602,6 +602,14 @@ def _answer_cell(row: dict[str, Any], found: list[facts.Fact], metric_names: Seq
     return f"<td>{highlight(answer, spans)}<div class='m'>{_h(' · '.join(parts))}</div></td>"
 
 
+def _reference_spans(fact: facts.Fact, reference: str) -> list[tuple[int, int]]:
+    """Where the reference states `fact`: as written where it was found ("6 euros" whole), and its other
+    mentions."""
+    at = reference.find(fact.text, fact.start)
+    spans = facts.fact_spans(fact, reference)
+    return [*spans, (at, at + len(fact.text))] if at >= 0 else spans
+
+
 def items_table(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list[str]:
     """The table of every item: question, reference (key facts marked), each candidate's answer (facts it
     states marked) with its metrics, and the difference of two candidates, which the page's script sorts by."""
@@ -635,7 +643,7 @@ def items_table(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list
         item = by_item[index]
         first = next(iter(item.values()))
         found = facts.key_facts(first["reference"])
-        ref_spans = [span for f in found for span in facts.fact_spans(f, first["reference"])]
+        ref_spans = [span for f in found for span in _reference_spans(f, first["reference"])]
         values = {c: (r.get("metrics") or {}) for c, r in item.items()}
         va, vb = values.get(a, {}).get(metric_names[0]), values.get(b, {}).get(metric_names[0])
         diff = f"{va - vb:+.3f}" if va is not None and vb is not None else "n/a"
