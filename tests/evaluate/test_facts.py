@@ -86,6 +86,7 @@ def test_key_facts_of_real_answers(reference, expected):
         "It works. This is fine! Yes, it does? Use the default.",
         "Restart it.\nThen check the log.\n- Open the settings\n* Save",
         "No, you can't do that, it's the user's choice.",
+        "Only one of them is enough; pick one.",  # a number word without a unit is no fact
     ],
 )
 def test_sentence_initial_capitals_and_apostrophes_are_no_facts(reference):
@@ -143,6 +144,8 @@ def test_a_bare_number(answer, hit):
         ("It costs 6 dollars.", False),
         ("It costs $6.", False),
         ("It costs 6.", False),  # the reference names a unit: a bare number does not state it
+        ("six euros", True),
+        ("sixteen euros", False),
         ("10 euros, for 6 users", False),
         ("6 US dollars", False),
     ],
@@ -208,6 +211,13 @@ def test_matching_of_names_identifiers_spans_dates(reference, answer, hit):
     result = score(answer, reference)
     assert len(result["facts"]) == 1, result
     assert bool(result["facts_hit"]) is hit
+
+
+def test_number_words_with_a_unit():
+    reference = "Five; then it waits one minute before the next try."
+    assert texts(reference) == ["one minute"]
+    assert score("It waits 1 minute.", reference)["facts_hit"] == ["one minute"]
+    assert score("It waits a minute.", reference)["facts_hit"] == []
 
 
 def test_recall_is_the_share_of_facts_stated():

@@ -177,6 +177,13 @@ _NUMBER = re.compile(
     r"|\d+"
     r")(?:st|nd|rd|th)?(?!\d|[.,]\d)"
 )
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
+)
+_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80}
+_NUMBER_WORDS = {w: i for i, w in enumerate([*_ONES.split(), "seventeen", "eighteen", "nineteen"])}
+_NUMBER_WORDS |= _TENS | {"ninety": 90, "hundred": 100}
+_NUMBER_WORD = re.compile(rf"\b(?:{'|'.join(_NUMBER_WORDS)})\b(?!-)", re.I)
 _TOKEN = re.compile(rf"{_LETTER}(?:(?:{_WORD_CHAR}|[.\-])*{_LETTER})?")
 _WORD_AFTER = re.compile(r"(?:\s{0,2}|-)([%€$£¥]|[^\W\d_]+\.?)")
 _NUMBER_UNIT = re.compile(r"\d+(?:[.,]\d+)?([^\W\d_]+)")
@@ -270,21 +277,25 @@ def _unit_before(text: str, start: int) -> str | None:
 
 
 def numbers_in(text: str) -> list[tuple[str, set[str], int, int]]:
-    """Every number of `text`: (canonical value, units written with it, start, end).
+    """Every number of `text`: (canonical value, units written with it, start, end); English number words
+    ("six", "twenty") count too.
 
-    >>> [(v, sorted(u)) for v, u, _, _ in numbers_in("It costs €6 or 7,300 GB, in 2 calendar days.")]
+    >>> [(v, sorted(u)) for v, u, _, _ in numbers_in("It costs €6 or 7,300 GB, in two calendar days.")]
     [('6', ['eur']), ('7300', ['gb']), ('2', ['calendar', 'day'])]
     """
+    found = [(number_key(m.group(1)), m.start(), m.end()) for m in _NUMBER.finditer(text)]
+    found += [
+        (str(_NUMBER_WORDS[m.group(0).lower()]), m.start(), m.end()) for m in _NUMBER_WORD.finditer(text)
+    ]
     out = []
-    for m in _NUMBER.finditer(text):
-        key = number_key(m.group(1))
+    for key, start, end in sorted(found, key=lambda f: f[1]):
         if key is None:
             continue
-        units = set(_units_after(text, m.end(), 2))
-        before = _unit_before(text, m.start())
+        units = set(_units_after(text, end, 2))
+        before = _unit_before(text, start)
         if before:
             units.add(before)
-        out.append((key, units, m.start(), m.end()))
+        out.append((key, units, start, end))
     return out
 
 
@@ -463,6 +474,8 @@ def key_facts(reference: str) -> list[Fact]:
         if not free(start, end):
             continue
         unit, (unit_start, unit_end) = _reference_unit(reference, start, end)
+        if unit is None and reference[start].isalpha():
+            continue  # "one of them", "Five;": a number word is a fact only with its unit ("two minutes")
         first, last = min(start, unit_start), max(end, unit_end)  # the unit is not a name too ("6 Euro")
         claim(Fact(_squash(reference[first:last]), "number", (key, unit), start), first, last)
     found += _names(reference, claimed)
