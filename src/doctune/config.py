@@ -204,6 +204,11 @@ class FinetuneConfig(Section):
         None, description="FSDP through accelerate (CUDA only); null: DDP."
     )
     eval_steps: int = Field(50, ge=1, description="Validation loss every this many steps (and at the end).")
+    select: Literal["val_loss", "last"] = Field(
+        "val_loss",
+        description="Adapter in the output dir: val_loss: lowest val loss (the last in last/); last: the last "
+        "step (the lowest-val-loss one in best/).",
+    )
     seed: int = Field(42, description="Seed of initialisation and data order.")
     report_to: list[str] = Field(
         default_factory=lambda: ["tensorboard"], description="Loggers: tensorboard, wandb, or none."

@@ -140,7 +140,7 @@ def test_no_trainable_conversation_fails_before_training(tiny_model_dir, tmp_pat
     write_chat_data(run_dir, n_train=4, n_val=1)
     with pytest.raises(InputError, match=r"no usable conversation.*max_length"):
         train.run(finetune_config(run_dir, tiny_model_dir, max_length=8))
-    assert not (run_dir / "adapter").exists()
+    assert not (run_dir / "adapter" / train.INFO_FILE).exists()  # no adapter written (the folder is claimed)
 
 
 def test_packing_trains_and_evaluates_at_eval_steps_and_at_the_end(tiny_model_dir, tmp_path):
@@ -170,19 +170,94 @@ def test_packing_trains_and_evaluates_at_eval_steps_and_at_the_end(tiny_model_di
     assert [e.step for e in events.Scalars("eval/loss")] == expected
 
 
-def test_template_that_cannot_mark_assistant_tokens_stops_before_training(tiny_model_dir, tmp_path):
+def test_template_that_renders_prefixes_inconsistently_stops_before_training(tiny_model_dir, tmp_path):
     import shutil
 
     student = tmp_path / "student"
     shutil.copytree(tiny_model_dir, student)
+    # no generation markers, and the message count in the first line: no prompt is the start of the conversation
     (student / "chat_template.jinja").write_text(
-        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}", encoding="utf-8"
+        "{{ 'messages: ' ~ (messages | length) ~ '\n' }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] "
+        "+ '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}",
+        encoding="utf-8",
     )
     run_dir = tmp_path / "run"
     write_chat_data(run_dir, n_train=4, n_val=1)
-    with pytest.raises(ConfigError, match=r"\{% generation %\}"):
+    with pytest.raises(ConfigError, match=r"prefixes inconsistently.*\{% generation %\}"):
         train.run(finetune_config(run_dir, student))
-    assert not (run_dir / "adapter").exists()
+    assert not (run_dir / "adapter" / train.INFO_FILE).exists()  # no adapter written (the folder is claimed)
+
+
+def val_loss(model_dir: Path, adapter: Path, val_path: Path) -> float:
+    """Mean loss per trained token of val.jsonl under base + adapter, each conversation run on its own (the
+    Trainer's eval loss when val.jsonl fits in one eval batch: it averages per batch)."""
+    import torch.nn.functional as F
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from doctune.finetune import data
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    template, _ = data.training_template(tokenizer)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(adapter)).eval()
+    total, count = 0.0, 0
+    for messages in data.read_conversations(val_path).conversations:
+        sample = data.tokenize_conversation(tokenizer, messages, template, max_length=2048)
+        targets = torch.tensor(sample["labels"][1:])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([sample["input_ids"]])).logits[0, :-1]
+        keep = targets != data.IGNORE_INDEX
+        total += F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum").item()
+        count += int(keep.sum())
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def overfit(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A run whose val loss bottoms out before the last step (high lr, 24 steps, val loss every 2)."""
+    run_dir = tmp_path_factory.mktemp("overfit") / "run"
+    write_chat_data(run_dir, n_train=16, n_val=4)  # 4 val conversations: one eval batch of 4
+    runs = {}
+    for select in ("val_loss", "last"):
+        out = run_dir / f"adapter-{select}"
+        train.run(finetune_config(run_dir, tiny_model_dir, epochs=6, lr=5e-2, select=select), output_dir=out)
+        runs[select] = out
+    return {"run_dir": run_dir, **runs}
+
+
+def test_adapter_holds_the_lowest_val_loss_step_and_last_the_last_step(overfit, tiny_model_dir):
+    out = overfit["val_loss"]
+    metrics = json.loads((out / train.METRICS_FILE).read_text())
+    best, last = metrics["best"], metrics["last"]
+    assert (
+        best["step"] < last["step"] == 24 and best["eval_loss"] < last["eval_loss"]
+    )  # they differ in this run
+    assert best["eval_loss"] == min(e["loss"] for e in metrics["eval"])
+    weights = train.ADAPTER_WEIGHTS
+    assert not same_tensors(out / weights, out / train.LAST_DIR / weights)
+    val = overfit["run_dir"] / "val.jsonl"
+    assert val_loss(tiny_model_dir, out, val) == pytest.approx(best["eval_loss"], abs=1e-4)
+    assert val_loss(tiny_model_dir, out / train.LAST_DIR, val) == pytest.approx(last["eval_loss"], abs=1e-4)
+    info = json.loads((out / train.INFO_FILE).read_text())
+    assert (
+        info["select"] == "val_loss" and info["best"]["dir"] == "." and info["last"]["dir"] == train.LAST_DIR
+    )
+    assert not (out / train.BEST_DIR).exists()
+
+
+def test_select_last_puts_the_last_step_in_the_adapter_and_the_best_in_best(overfit, tiny_model_dir):
+    out, by_val_loss = overfit["last"], overfit["val_loss"]
+    weights = train.ADAPTER_WEIGHTS
+    # the same seed and data: the same training, only which adapter goes where differs
+    assert same_tensors(out / weights, by_val_loss / train.LAST_DIR / weights)
+    assert same_tensors(out / train.BEST_DIR / weights, by_val_loss / weights)
+    metrics = json.loads((out / train.METRICS_FILE).read_text())
+    val = overfit["run_dir"] / "val.jsonl"
+    assert val_loss(tiny_model_dir, out, val) == pytest.approx(metrics["last"]["eval_loss"], abs=1e-4)
+    info = json.loads((out / train.INFO_FILE).read_text())
+    assert info["select"] == "last" and info["last"]["dir"] == "." and info["best"]["dir"] == train.BEST_DIR
+    assert not (out / train.LAST_DIR).exists()
+    assert (out / train.BEST_DIR / "chat_template.jinja").is_file()
 
 
 NO_CUDA = train.Hardware(cuda=False, bf16=False, bitsandbytes=False, flash_attention=False)
@@ -204,7 +279,7 @@ def test_settings_this_machine_cannot_honour_are_named_not_replaced(tiny_model_d
     assert train.settings_problems(fsdp, CUDA) == []
 
     wandb = finetune_config(tmp_path / "run", tiny_model_dir, report_to=["no_such_logger_pkg"]).finetune
-    assert "pip install no_such_logger_pkg" in train.settings_problems(wandb, NO_CUDA)[0]
+    assert "not a logger doctune knows" in train.settings_problems(wandb, NO_CUDA)[0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")

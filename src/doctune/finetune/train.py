@@ -7,14 +7,15 @@ does the chat rendering and masking itself). Reads top to bottom:
   (data.py: assistant-only labels), load the student (+ 4/8-bit quantization on CUDA), add LoRA or continue an
   adapter, build a Trainer whose batches are padding-free rows (attention.py keeps samples apart);
 - run: train with validation loss every `eval_steps` and at the end, checkpoints for `--resume`;
-- write: the best adapter in the output dir, the last in `last/`, each with the tokenizer and chat template,
+- write: the adapter `finetune.select` chooses in the output dir (val_loss: the lowest-val-loss step's, the
+  default; last: the last step's), the other in `last/` or `best/`, each with the tokenizer and chat template,
   plus metrics.json, doctune_finetune.json and the manifest entry.
 
 Layout of the output dir (default {run_dir}/adapter):
-  adapter_config.json, adapter_model.safetensors   best adapter (lowest val loss): PeftModel / vLLM --lora-modules
+  adapter_config.json, adapter_model.safetensors   the chosen adapter: PeftModel / vLLM --lora-modules
   tokenizer files, chat_template.jinja              the template the adapter was trained with
   doctune_finetune.json, metrics.json               what was trained, how, and how it went
-  last/                                             the adapter after the last step (same files)
+  last/ (select val_loss) or best/ (select last)    the other adapter (same files)
   checkpoints/checkpoint-N/                         Trainer checkpoints (optimizer, scheduler, RNG) for --resume
   tensorboard/                                      TensorBoard logs (report_to: [tensorboard])
 """
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 INFO_FILE = "doctune_finetune.json"
 METRICS_FILE = "metrics.json"
 LAST_DIR = "last"
+BEST_DIR = "best"
 CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -427,8 +429,10 @@ def _training_args(
         eval_steps=fcfg.eval_steps,
         save_strategy="steps",
         save_steps=fcfg.eval_steps,
-        save_total_limit=1,  # with load_best_model_at_end: the best and the last checkpoint stay
-        load_best_model_at_end=has_val,
+        # 2, not 1: rotation always keeps the best and the newest checkpoint, but with a limit of 1 Trainer deletes
+        # the last checkpoint after training when it is not the best, and last/ would get the best weights
+        save_total_limit=2,
+        load_best_model_at_end=has_val and fcfg.select == "val_loss",
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         prediction_loss_only=True,
@@ -652,9 +656,8 @@ def _write_outputs(
 ) -> Summary:
     fcfg = cfg.finetune
     state = trainer.state
-    last_checkpoint = out / CHECKPOINTS_DIR / f"checkpoint-{state.global_step}"
     (staging / "training_args.bin").unlink(missing_ok=True)
-    _install_last(last_checkpoint if last_checkpoint.is_dir() else staging, out / LAST_DIR)
+    other_dir = _install_other_adapter(out, staging, fcfg.select, state.best_global_step, state.global_step)
     n_tensors = adapter_tensor_count(staging)
     if n_tensors == 0:
         raise DoctuneError(
@@ -701,8 +704,9 @@ def _write_outputs(
             "train_trained_tokens": train.trained_tokens,
         },
         "training": {"steps": state.global_step, "epochs": state.epoch, **info_extra},
-        "best": metrics["best"],
-        "last": {**metrics["last"], "dir": LAST_DIR},
+        "select": fcfg.select,
+        "best": {**metrics["best"], "dir": BEST_DIR if other_dir == BEST_DIR else "."},
+        "last": {**metrics["last"], "dir": LAST_DIR if other_dir == LAST_DIR else "."},
         "adapter_tensors": n_tensors,
     }
     atomic_write_json(out / INFO_FILE, info)
@@ -740,7 +744,7 @@ def _write_outputs(
     if metrics["train_tokens_per_second"]:
         summary.add("tokens/s", f"{metrics['train_tokens_per_second']:,.0f}")
     summary.add("seconds", round(wall_s, 1))
-    summary.outputs += [str(out), str(out / LAST_DIR), str(out / METRICS_FILE)]
+    summary.outputs += [str(out), str(out / other_dir), str(out / METRICS_FILE)]
     summary.warnings += warnings
     problems = train.problems + val.problems
     summary.warnings += problems[:5]
@@ -749,10 +753,33 @@ def _write_outputs(
     return summary
 
 
-def _install_last(source: Path, target: Path) -> None:
+def _install_other_adapter(
+    out: Path, staging: Path, select: str, best_step: int | None, last_step: int
+) -> str:
+    """Copy the adapter that `finetune.select` did not choose into its folder of `out`: the last step's into
+    last/ (select val_loss) or the lowest-val-loss step's into best/ (select last), from its checkpoint. The
+    chosen one is `staging` (the Trainer's model after training). Returns the folder's name."""
+    other_dir, stale_dir = (BEST_DIR, LAST_DIR) if select == "last" else (LAST_DIR, BEST_DIR)
+    best_step = best_step if best_step is not None else last_step  # no val loss: the last is the best
+    chosen_step, other_step = (last_step, best_step) if select == "last" else (best_step, last_step)
+    checkpoint = out / CHECKPOINTS_DIR / f"checkpoint-{other_step}"
+    if checkpoint.is_dir():
+        _install_adapter_copy(checkpoint, out / other_dir)
+    elif other_step == chosen_step:
+        _install_adapter_copy(staging, out / other_dir)
+    else:
+        raise DoctuneError(
+            f"{checkpoint}: missing, so {other_dir}/ cannot hold the adapter of step {other_step}; nothing was "
+            f"replaced in {out}, the adapter of step {chosen_step} is in {staging}"
+        )
+    shutil.rmtree(out / stale_dir, ignore_errors=True)  # an earlier run's with the other select
+    return other_dir
+
+
+def _install_adapter_copy(source: Path, target: Path) -> None:
     """Copy an adapter folder's files (not optimizer state) to `target`, swapping it in whole."""
     keep = {"adapter_config.json", ADAPTER_WEIGHTS, "chat_template.jinja", "README.md"}
-    partial = target.with_name(f".{target.name}.partial")
+    partial = target.with_name(f".{target.name}.copy.partial")  # not .best.partial: the staged adapter
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     for path in source.iterdir():
