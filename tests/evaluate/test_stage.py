@@ -165,7 +165,9 @@ def test_eval_writes_every_output_and_rouge_matches_rouge_score(tmp_path, server
     assert "&lt;script&gt;alert" in html and "<script>alert" not in html and "<script>" not in md
     assert "data:image/png;base64," in html
     assert not re.search(r"""(src|href)=['"]?(https?:|//)""", html)
-    assert "Where finetuned lost most against base" in md
+    assert (
+        "## Where finetuned lost most against base (pairwise losses first, then by judge score (1-10))" in md
+    )
     assert any(what.startswith("judge score") for what, _ in summary.rows)
 
 

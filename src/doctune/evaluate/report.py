@@ -338,8 +338,8 @@ def render_markdown(summary: dict[str, Any], worst: Sequence[dict[str, Any]]) ->
 def worst_title(summary: dict[str, Any]) -> str:
     comp = summary["comparison"]
     by = label(comp["ranking_metric"])
-    pairwise = ", then pairwise losses first" if summary.get("pairwise") else ""
-    return f"Where {comp['a']} lost most against {comp['b']} (by {by}{pairwise})"
+    first = "pairwise losses first, then " if summary.get("pairwise") else ""
+    return f"Where {comp['a']} lost most against {comp['b']} ({first}by {by})"
 
 
 def no_worst_sentence(summary: dict[str, Any]) -> str:
