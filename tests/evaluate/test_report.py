@@ -277,6 +277,7 @@ def test_the_style_flag(diffs, expected):
     assert report.style_without_facts(summary) == expected
 
 
+@pytest.mark.slow
 def test_the_sort_header_orders_items_in_a_browser(lumen_report):
     """The page's own script, in Debian's chromium (offline, file://): click to sort by the difference."""
     from tests.serve.test_web import CHROMIUM_FLAGS, chromium_path
