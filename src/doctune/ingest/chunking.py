@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import re
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from doctune.errors import ConfigError
+from doctune.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from doctune.config import Config
@@ -46,6 +47,13 @@ _WORD_OR_WIDE = re.compile(
 _FINER = {SENTENCE: (LINE, _LINE), LINE: (WORD, _WORD)}
 
 REGION_CHARS = 1 << 20
+# A text longer than max_tokens * this many characters is taken to be over the limit without being counted:
+# no tokenizer in use has tokens that long on average, and a wrong guess only splits a piece more finely
+# (every chunk is still counted exactly). This keeps a huge sentence- or line-less text from being
+# tokenized whole, which costs about 200 bytes of memory per token.
+MAX_CHARS_PER_TOKEN = 64
+# Texts are sent to a tokenizer in batches of about this many characters, so memory stays bounded.
+COUNT_BATCH_CHARS = 1 << 16
 
 
 # ------------------------------------------------------------------------------------------------ counters
@@ -93,12 +101,54 @@ class TokenizerCounter:
         return self.count_many([text])[0]
 
     def count_many(self, texts: Sequence[str]) -> list[int]:
-        if not texts:
-            return []
+        counts: list[int] = []
+        for batch in _batches(texts, COUNT_BATCH_CHARS):
+            counts += self._count_batch(batch)
+        return counts
+
+    def count_spans(self, text: str, spans: Sequence[tuple[int, int]]) -> list[int]:
+        """Tokens of each of `spans` (contiguous (start, end) of `text`, in order), from one tokenization per
+        window of about COUNT_BATCH_CHARS characters: a token counts for the span it starts in. An estimate
+        (a span counted alone may differ by a token), much faster than counting many small spans one by one."""
+        if self._backend is None:
+            return self.count_many([text[s:e] for s, e in spans])
+        counts = [0] * len(spans)
+        first = 0
+        while first < len(spans):
+            last = first
+            while last + 1 < len(spans) and spans[last + 1][1] - spans[first][0] <= COUNT_BATCH_CHARS:
+                last += 1
+            base = spans[first][0]
+            starts = [s - base for s, _ in spans[first : last + 1]]
+            window = text[base : spans[last][1]]
+            for token_start, _ in self._backend.encode(window, add_special_tokens=False).offsets:
+                counts[first + max(bisect_right(starts, token_start) - 1, 0)] += 1
+            first = last + 1
+        return counts
+
+    def _count_batch(self, texts: list[str]) -> list[int]:
         if self._backend is not None:
-            return [len(e.ids) for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
-        ids = self._tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+            return [len(e.ids) for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+        ids = self._tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         return [len(x) for x in ids]
+
+
+def _batches(texts: Sequence[str], max_chars: int) -> Iterator[list[str]]:
+    """Consecutive groups of `texts` of at most `max_chars` characters in all (a longer text goes alone).
+
+    >>> list(_batches(["ab", "cd", "efgh", "i"], 4))
+    [['ab', 'cd'], ['efgh'], ['i']]
+    """
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        if batch and size + len(text) > max_chars:
+            yield batch
+            batch, size = [], 0
+        batch.append(text)
+        size += len(text)
+    if batch:
+        yield batch
 
 
 def counter_for(cfg: Config) -> TokenCounter:
@@ -113,19 +163,14 @@ def counter_for(cfg: Config) -> TokenCounter:
 
 
 def load_tokenizer_counter(source: str, key: str = "data.tokenizer") -> TokenizerCounter:
-    """A TokenizerCounter for a local tokenizer folder or a (cached) hub name; ConfigError if it won't load."""
-    from transformers import AutoTokenizer
+    """A TokenizerCounter for a local tokenizer folder, a .gguf file or a (cached) hub name (doctune.models);
+    ConfigError naming `key` if it won't load."""
+    from doctune.models import load_tokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            [
-                f"{key}: cannot load a tokenizer from {source!r} ({reason}); give a local tokenizer folder "
-                "or a hub name already in the cache"
-            ]
-        ) from None
+        tokenizer = load_tokenizer(source)
+    except InputError as exc:
+        raise ConfigError([f"{key}: cannot load a tokenizer from {exc}"]) from None
     return TokenizerCounter(tokenizer, source)
 
 
@@ -160,6 +205,14 @@ class Chunker:
         self.overlap = overlap
         self.min_fill = min_fill
         self.region_chars = max(REGION_CHARS, 64 * max_tokens)
+        self.too_long = MAX_CHARS_PER_TOKEN * max_tokens  # characters: surely over the limit
+
+    def _estimates(self, texts: Sequence[str]) -> list[int]:
+        """Token counts of pieces; a text of more than `too_long` characters gets max_tokens + 1 uncounted
+        (it will be split further either way)."""
+        short = [t for t in texts if len(t) <= self.too_long]
+        counts = iter(self.counter.count_many(short))
+        return [next(counts) if len(t) <= self.too_long else self.max_tokens + 1 for t in texts]
 
     def chunks(self, blocks: Iterable[str]) -> Iterator[Chunk]:
         """Chunks of the text that `blocks` spell out, in order, with offsets into their concatenation."""
@@ -260,7 +313,7 @@ class Chunker:
             starts.append(pos)
             ends.append(len(text))
             strengths.append(DOCUMENT if final else CHAR)
-        out.counts = self.counter.count_many([text[s:e] for s, e in zip(starts, ends, strict=True)])
+        out.counts = self._estimates([text[s:e] for s, e in zip(starts, ends, strict=True)])
         if max(out.counts, default=0) <= self.max_tokens:
             return out
         fitting = _Pieces()  # split the sentences that are too long
@@ -286,7 +339,10 @@ class Chunker:
             return
         finer, pattern = _FINER[level]
         spans = _split(text, start, end, pattern, finer, strength)
-        counts = self.counter.count_many([text[s:e] for s, e, _ in spans])
+        if finer == WORD and hasattr(self.counter, "count_spans"):  # many small spans: one pass per window
+            counts = self.counter.count_spans(text, [(s, e) for s, e, _ in spans])
+        else:
+            counts = self._estimates([text[s:e] for s, e, _ in spans])
         for (s, e, st), n in zip(spans, counts, strict=True):
             if n <= self.max_tokens:
                 out.add(s, e, st, n)

@@ -7,8 +7,10 @@ doc.blocks())`, which `document_text(path)` returns:
 - .txt / .md / .markdown: the file decoded with the detected encoding (UTF-8, UTF-16/32 with a BOM, else
   cp1252, else Latin-1), the BOM dropped, line ends as "\\n" (as Python's text mode reads it). Unicode is kept
   as it is (no normalisation).
-- .pdf: each page's text as pdfium extracts it (line ends as "\\n"), pages joined by `PAGE_SEPARATOR`
-  (a blank line). Pages are numbered from 1.
+- .pdf: each page's text as pdfium extracts it (line ends as "\\n"), less its running header and footer
+  lines (boilerplate.py), pages joined by `PAGE_SEPARATOR` (a blank line). Pages are numbered from 1. Finding
+  running lines needs every page, so a PDF's text is held whole while it is read (a 1,000-page manual is a
+  few MB of text).
 
 Text files are read in blocks of `TEXT_BLOCK_CHARS` characters, so a 100 MB file never sits in memory whole.
 """
@@ -28,12 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from doctune.ingest.boilerplate import line_key, running_keys, strip_page
+
 log = logging.getLogger(__name__)
 
 PAGE_SEPARATOR = "\n\n"
 TEXT_BLOCK_CHARS = 1 << 20
 SNIFF_BYTES = 64 * 1024
 _READ_BYTES = 1 << 20
+MAX_RUNNING_EXAMPLES = 5  # running lines named in the report, per document
 
 # Bytes that do not occur in text: C0 controls except \t \n \f \r (and \b, seen in old man pages), plus DEL.
 _CONTROL_BYTES = bytes([*range(0, 8), 11, *range(14, 32), 127])
@@ -75,6 +80,8 @@ class Document:
     pages: int | None = None
     notes: dict[str, object] = field(default_factory=dict)
     _close: Callable[[], None] = lambda: None
+    # the share of the file read so far, 0 to 1 (progress within a large document)
+    fraction_read: Callable[[], float] = lambda: 0.0
 
     def close(self) -> None:
         self._close()
@@ -137,18 +144,43 @@ def read_pdf(path: Path, pool: PdfPagePool | None = None) -> Document:
 
     n_pages = len(pdf)
     failed: list[int] = []
+    pages: list[str] = []
+    notes: dict[str, object] = {"pages_failed": failed}
 
     def blocks() -> Iterator[Block]:
         texts = pool.pages(path, n_pages) if pool else (_page_text(pdf, i) for i in range(n_pages))
+        pages.clear()
         for index, text in enumerate(texts):
             if text is None:
                 log.warning("%s: page %d cannot be read; its text is left out", path, index + 1)
                 failed.append(index + 1)
+            pages.append(text or "")
+        keys = running_keys(pages)
+        dropped: dict[str, str] = {}  # key -> the first line dropped with it
+        n_dropped = 0
+        for index, text in enumerate(pages):
+            clean, lines = strip_page(text, keys)
+            n_dropped += len(lines)
+            for line in lines:
+                dropped.setdefault(line_key(line), line.strip())
             if index:
                 yield Block(PAGE_SEPARATOR)
-            yield Block(text or "", page=index + 1)
+            yield Block(clean, page=index + 1)
+        notes["running_lines_dropped"] = n_dropped
+        notes["running_lines"] = list(dropped.values())[:MAX_RUNNING_EXAMPLES]
+        if n_dropped:
+            log.info("%s: %d running header/footer line(s) dropped", path, n_dropped)
 
-    return Document("pdf", sha, size, blocks, pages=n_pages, notes={"pages_failed": failed}, _close=close)
+    return Document(
+        "pdf",
+        sha,
+        size,
+        blocks,
+        pages=n_pages,
+        notes=notes,
+        _close=close,
+        fraction_read=lambda: len(pages) / n_pages if n_pages else 1.0,
+    )
 
 
 def _page_text(pdf: Any, index: int) -> str | None:
@@ -329,6 +361,7 @@ def read_markdown(path: Path) -> Document:
 def _read_text_file(path: Path, kind: str) -> Document:
     encoding, sha, size, notes = detect_encoding(path)
     opened: list[io.TextIOWrapper] = []
+    position = [0]  # bytes of the file decoded so far
 
     def blocks() -> Iterator[Block]:
         try:
@@ -345,6 +378,7 @@ def _read_text_file(path: Path, kind: str) -> Document:
                     raise _os_reason(exc) from None
                 if not block:
                     return
+                position[0] = raw.tell()
                 yield Block(block)
         finally:
             text.close()
@@ -353,7 +387,16 @@ def _read_text_file(path: Path, kind: str) -> Document:
         for text in opened:
             text.close()
 
-    return Document(kind, sha, size, blocks, encoding=encoding, notes=notes, _close=close)
+    return Document(
+        kind,
+        sha,
+        size,
+        blocks,
+        encoding=encoding,
+        notes=notes,
+        _close=close,
+        fraction_read=lambda: min(position[0] / size, 1.0),
+    )
 
 
 def detect_encoding(path: Path) -> tuple[str, str, int, dict[str, object]]:

@@ -11,17 +11,23 @@ chunks.jsonl rows: {chunk_id, doc, doc_sha256, pages, char_start, char_end, n_to
 path relative to the data folder (posix), `text == document_text[char_start:char_end]` (see
 `readers.document_text`), `pages` is [first, last] (1-based) for PDFs and null otherwise, and `chunk_id` is
 `{doc_sha256[:16]}-{index:05d}`.
+
+PDF pages lose their running headers and footers (boilerplate.py); ingest_report.json counts the lines
+dropped per document. Chunks whose text is identical to an earlier chunk's (the same code block in three
+documents) are kept, and listed under `identical_chunks` in the report, with the documents they come from.
+A large document reports progress within itself every PROGRESS_CHARS characters.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import stat
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from functools import partial
@@ -47,6 +53,8 @@ _QUIET_REASONS = {"unsupported type", "duplicate"}
 PARALLEL_PDF_BYTES = 8 << 20
 PARALLEL_MIN_CPUS = 4
 MAX_PDF_WORKERS = 8
+PROGRESS_CHARS = 1 << 20
+MAX_IDENTICAL_GROUPS = 50  # groups of identical chunks listed in the report (the count covers all)
 
 
 def run(cfg: Config, *, progress: Progress = NullProgress(), pdf_workers: int | None = None) -> Summary:
@@ -74,7 +82,12 @@ def run(cfg: Config, *, progress: Progress = NullProgress(), pdf_workers: int | 
     # ---- run
     report: list[dict[str, Any]] = []
     seen: dict[str, str] = {}  # sha256 -> first file with that content
+    texts = ChunkTexts()
     n_chunks = n_skipped = 0
+
+    def reading(rel: str, fraction: float, doc_chunks: int) -> None:
+        progress.advance(0, chunks=n_chunks + doc_chunks, reading=f"{rel} {fraction:.0%}")
+
     progress.start("ingest", total=len(entries))
     try:
         with (
@@ -87,11 +100,13 @@ def run(cfg: Config, *, progress: Progress = NullProgress(), pdf_workers: int | 
                     i = pdf_index[entry.path]  # while this PDF is read, the workers start on the next ones
                     for upcoming in pdfs[i : i + 1 + workers]:
                         pool.prefetch(upcoming)
-                row = _ingest_file(entry, chunker, out, seen, pool)
+                digests: list[tuple[bytes, str]] = []
+                row = _ingest_file(entry, chunker, out, seen, pool, digests, partial(reading, entry.rel))
                 if pool is not None:
                     pool.discard(entry.path)
                 report.append(row)
                 if row["status"] == "ok":
+                    texts.add(row["path"], digests)
                     record.inputs[row["path"]] = row["sha256"]
                     n_chunks += row["chunks"]
                 else:
@@ -99,10 +114,18 @@ def run(cfg: Config, *, progress: Progress = NullProgress(), pdf_workers: int | 
                     n_skipped += 1
                 progress.advance(1, chunks=n_chunks, skipped=n_skipped)
             totals = _totals(report)
+            identical = texts.identical()
+            totals["identical_chunks"] = sum(g["count"] - 1 for g in identical)
             # ---- write
             atomic_write_json(
                 run_dir / REPORT,
-                {"data_dir": str(data_dir), "counter": counter.name, "totals": totals, "files": report},
+                {
+                    "data_dir": str(data_dir),
+                    "counter": counter.name,
+                    "totals": totals,
+                    "files": report,
+                    "identical_chunks": identical[:MAX_IDENTICAL_GROUPS],
+                },
             )
             if totals["documents"] == 0:
                 raise InputError(_nothing_read(data_dir, totals, run_dir / REPORT))
@@ -112,7 +135,7 @@ def run(cfg: Config, *, progress: Progress = NullProgress(), pdf_workers: int | 
     record.counts = {k: v for k, v in totals.items() if k != "tokens"}
     record.tokens = {"chunks": totals["tokens"]}
     run_dir.record(record)
-    return _summary(totals, counter.name, report, run_dir)
+    return _summary(totals, counter.name, report, run_dir, identical)
 
 
 def _pdf_workers(requested: int | None, pdfs: list[Path]) -> int:
@@ -132,9 +155,17 @@ def _pdf_workers(requested: int | None, pdfs: list[Path]) -> int:
 
 
 def _ingest_file(
-    entry: Entry, chunker: Chunker, out: IO[str], seen: dict[str, str], pool: PdfPagePool | None
+    entry: Entry,
+    chunker: Chunker,
+    out: IO[str],
+    seen: dict[str, str],
+    pool: PdfPagePool | None,
+    digests: list[tuple[bytes, str]],
+    reading: Callable[[float, int], None],
 ) -> dict[str, Any]:
-    """Read and chunk one file into `out`; its report row. A file that fails halfway leaves nothing in out."""
+    """Read and chunk one file into `out`; its report row. A file that fails halfway leaves nothing in out.
+    `digests` gets (digest of the text, chunk_id) of each chunk written; `reading` is told how far a large
+    document has got."""
     if entry.skip is not None:
         return _skipped(entry.rel, *entry.skip)
     reader = reader_for(entry.path)
@@ -148,7 +179,7 @@ def _ingest_file(
         with reader(entry.path) as doc:
             if doc.sha256 in seen:
                 return _skipped(entry.rel, "duplicate", f"same content as {seen[doc.sha256]}")
-            chars, n_chunks, n_tokens = _write_chunks(entry.rel, doc, chunker, out)
+            chars, n_chunks, n_tokens = _write_chunks(entry.rel, doc, chunker, out, digests, reading)
     except Unreadable as exc:
         _rollback(out, mark)
         return _skipped(entry.rel, exc.reason, exc.detail)
@@ -167,31 +198,43 @@ def _ingest_file(
     row |= {"bytes": doc.size, "chars": chars, "chunks": n_chunks, "tokens": n_tokens}
     if doc.kind == "pdf":
         row["pages"] = doc.pages
+        row["running_lines_dropped"] = doc.notes.get("running_lines_dropped", 0)
     else:
         row["encoding"] = doc.encoding
     row |= {k: v for k, v in doc.notes.items() if v}
     return row
 
 
-def _write_chunks(rel: str, doc: Document, chunker: Chunker, out: IO[str]) -> tuple[int, int, int]:
+def _write_chunks(
+    rel: str,
+    doc: Document,
+    chunker: Chunker,
+    out: IO[str],
+    digests: list[tuple[bytes, str]],
+    reading: Callable[[float, int], None],
+) -> tuple[int, int, int]:
     """Stream the document through the chunker into `out`: (characters, chunks, tokens)."""
     page_starts: list[int] = []
     page_numbers: list[int] = []
     chars = 0
+    n_chunks = n_tokens = 0
 
     def texts() -> Iterator[str]:
         nonlocal chars
+        told = 0
         for block in doc.blocks():
             if block.page is not None:
                 page_starts.append(chars)
                 page_numbers.append(block.page)
             chars += len(block.text)
+            if chars - told >= PROGRESS_CHARS:
+                told = chars
+                reading(doc.fraction_read(), n_chunks)
             yield block.text
 
     def page_at(offset: int) -> int:
         return page_numbers[bisect_right(page_starts, offset) - 1]
 
-    n_chunks = n_tokens = 0
     for chunk in chunker.chunks(texts()):
         pages = [page_at(chunk.start), page_at(chunk.end - 1)] if page_starts else None
         row = {
@@ -205,9 +248,42 @@ def _write_chunks(rel: str, doc: Document, chunker: Chunker, out: IO[str]) -> tu
             "text": chunk.text,
         }
         out.write(dumps_row(row) + "\n")
+        digests.append((_digest(chunk.text), row["chunk_id"]))
         n_chunks += 1
         n_tokens += chunk.n_tokens
     return chars, n_chunks, n_tokens
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class ChunkTexts:
+    """Which chunks have the same text as another, by a 128-bit digest of each chunk's text."""
+
+    def __init__(self) -> None:
+        self._first: dict[bytes, tuple[str, str]] = {}  # digest -> (chunk_id, doc) of its first chunk
+        self._copies: dict[bytes, list[tuple[str, str]]] = {}  # digest -> later chunks with that text
+
+    def add(self, doc: str, digests: list[tuple[bytes, str]]) -> None:
+        for digest, chunk_id in digests:
+            first = self._first.setdefault(digest, (chunk_id, doc))
+            if first[0] != chunk_id:
+                self._copies.setdefault(digest, []).append((chunk_id, doc))
+
+    def identical(self) -> list[dict[str, Any]]:
+        """Groups of chunks with one text, most copies first: count, chunk ids and documents."""
+        groups = []
+        for digest, copies in self._copies.items():
+            chunks = [self._first[digest], *copies]
+            groups.append(
+                {
+                    "count": len(chunks),
+                    "chunk_ids": [c for c, _ in chunks],
+                    "docs": sorted({d for _, d in chunks}),
+                }
+            )
+        return sorted(groups, key=lambda g: (-g["count"], g["chunk_ids"][0]))
 
 
 def _rollback(out: IO[str], mark: int) -> None:
@@ -242,6 +318,7 @@ def _totals(report: list[dict[str, Any]]) -> dict[str, Any]:
         "pages": sum(r.get("pages", 0) for r in ok),
         "chunks": sum(r["chunks"] for r in ok),
         "tokens": sum(r["tokens"] for r in ok),
+        "running_lines_dropped": sum(r.get("running_lines_dropped", 0) for r in ok),
     }
 
 
@@ -257,17 +334,32 @@ def _nothing_read(data_dir: Path, totals: dict[str, Any], report_path: Path) -> 
     )
 
 
-def _summary(totals: dict[str, Any], counter: str, report: list[dict[str, Any]], run_dir: RunDir) -> Summary:
+def _summary(
+    totals: dict[str, Any],
+    counter: str,
+    report: list[dict[str, Any]],
+    run_dir: RunDir,
+    identical: list[dict[str, Any]],
+) -> Summary:
     summary = Summary("ingest")
     summary.add("documents read", totals["documents"])
     summary.add("files skipped", totals["skipped"])
     for reason, n in totals["skipped_by_reason"].items():
         summary.add(f"  skipped: {reason}", n)
     summary.add("pdf pages", totals["pages"])
+    summary.add("running header/footer lines dropped", totals["running_lines_dropped"])
     summary.add("chunks", totals["chunks"])
+    summary.add("chunks identical to another", totals["identical_chunks"])
     summary.add("tokens in chunks", totals["tokens"])
     summary.add("token counter", counter)
     summary.outputs = [str(run_dir / CHUNKS), str(run_dir / REPORT)]
+    if identical:
+        docs = sorted({d for g in identical for d in g["docs"]})
+        named = ", ".join(docs[:3]) + (f" and {len(docs) - 3} more" if len(docs) > 3 else "")
+        summary.warnings.append(
+            f"{totals['identical_chunks']} chunk(s) repeat the text of another chunk word for word ({named}); "
+            f"they are listed under identical_chunks in {run_dir / REPORT}"
+        )
     skipped = [r for r in report if r["status"] == "skipped"]
     for r in skipped[:MAX_SUMMARY_WARNINGS]:
         detail = f" ({r['detail']})" if "detail" in r else ""
