@@ -2,12 +2,16 @@ import json
 
 import pytest
 
-from doctune.errors import InputError
+from doctune.errors import DoctuneError, InputError
 from doctune.runs import (
+    OUTPUT_MARKER,
     RunDir,
     StageRecord,
     atomic_write_jsonl,
     atomic_write_text,
+    check_output_dir,
+    check_writable_dir,
+    mark_output_dir,
     read_jsonl,
     sha256_file,
 )
@@ -51,3 +55,72 @@ def test_manifest_records_each_stage_without_losing_the_others(tmp_path):
     assert entry["inputs"] == {"doc.txt": sha256_file(data)}
     assert entry["counts"] == {"chunks": 3}
     assert "torch" in entry["versions"] and entry["wall_time_s"] >= 0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_get_the_permissions_the_umask_allows(tmp_path, umask):
+    import os
+    import subprocess
+    import sys
+
+    target = tmp_path / "out.txt"
+    code = (
+        f"import os; os.umask({umask}); from doctune.runs import atomic_write_text; "
+        f"atomic_write_text({str(target)!r}, 'x')"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert os.stat(target).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_an_output_folder_may_be_new_empty_or_doctunes_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert check_output_dir(tmp_path / "new", "--out") == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    check_output_dir(tmp_path / "empty", "--out")
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "model.safetensors").write_text("w")
+    mark_output_dir(ours, "merge")
+    assert (ours / OUTPUT_MARKER).is_file()
+    check_output_dir(ours, "--out")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "doctune_merge.json").write_text("{}")
+    check_output_dir(legacy, "--out", ours=["doctune_merge.json"])
+
+
+def test_an_output_folder_doctune_did_not_write_is_refused_in_one_line(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "notes.md").write_text("mine")
+    (project / "runs" / "r").mkdir(parents=True)
+    (project / "doctune.yaml").write_text("run_dir: runs/r\n")
+    monkeypatch.chdir(project / "runs")
+    refused = {
+        project / "data": "the documents folder",
+        project / "data" / "sub": "the documents folder",
+        project / "doctune.yaml": "is a file",
+        project / "runs": "current folder",
+        project: "current folder",
+        project / "runs" / "r": "would replace",
+    }
+    for path, says in refused.items():
+        with pytest.raises(DoctuneError) as info:
+            check_output_dir(path, "--out", keep=[project / "runs" / "r"], not_inside=[project / "data"])
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"--out {path}:") and says in message, message
+    assert (project / "data" / "notes.md").read_text() == "mine"
+
+
+def test_a_run_dir_where_a_file_is_in_the_way_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DoctuneError, match=r"run_dir .*afile: is a file"):
+        check_writable_dir(tmp_path / "afile", "run_dir")
+    with pytest.raises(DoctuneError, match=r"cannot be created: .*afile is a file"):
+        check_writable_dir(tmp_path / "afile" / "run", "run_dir")
+    with pytest.raises(DoctuneError, match="is a file"):
+        RunDir(tmp_path / "afile" / "run").ensure()
+    with pytest.raises(DoctuneError, match="is a folder"):
+        atomic_write_text(tmp_path, "x")
+    assert check_writable_dir(tmp_path / "a" / "b", "run_dir") == tmp_path / "a" / "b"
+    assert not (tmp_path / "a").exists()  # checking creates nothing

@@ -105,13 +105,23 @@ def _print_summary(summary: Any) -> None:
         out.print(f"wrote {path}")
 
 
-def _config(config: Path | None, sets: list[str] | None, stages: tuple[str, ...] | None, **fields: Any):
+def _config(
+    config: Path | None,
+    sets: list[str] | None,
+    stages: tuple[str, ...] | None = None,
+    writes_run_dir: bool = True,
+    **fields: Any,
+):
     """Load and validate the config; `stages`: whose model references to check (None: every stage's)."""
     from doctune.config import load_config, parse_overrides
+    from doctune.runs import check_writable_dir
 
     overrides = parse_overrides(sets or [])
     overrides.update({k: v for k, v in fields.items() if v is not None})
-    return load_config(config, overrides, stages=stages)
+    cfg = load_config(config, overrides, stages=stages)
+    if writes_run_dir:  # checked before any work, not when the first file is written
+        check_writable_dir(cfg.run_path, "run_dir")
+    return cfg
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -152,7 +162,8 @@ def init(
 def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the model and tokenizer into.")],
     corpus: Annotated[
-        Path | None, typer.Option("--corpus", help="Folder of .txt/.md files to train the tokenizer on.")
+        Path | None,
+        typer.Option("--corpus", exists=True, help="Folder of .txt/.md files to train the tokenizer on."),
     ] = None,
     size: Annotated[
         str, typer.Option("--size", help="tiny (~200k params) or small (~10-30M, benchmarks).")
@@ -223,7 +234,11 @@ def eval_(
     ] = None,
     prompts: Annotated[
         Path | None,
-        typer.Option("--prompts", help="YAML replacing packaged judge prompts (e.g. judge_prompt_template)."),
+        typer.Option(
+            "--prompts",
+            exists=True,
+            help="YAML replacing packaged judge prompts (e.g. judge_prompt_template).",
+        ),
     ] = None,
     no_similarity: Annotated[
         bool, typer.Option("--no-similarity", help="Skip the MiniLM semantic similarity (saves CPU time).")
@@ -348,7 +363,8 @@ def finetune(
 @app.command()
 def merge(
     adapter: Annotated[
-        Path | None, typer.Option("--adapter", help="Adapter folder (default: {run_dir}/adapter).")
+        Path | None,
+        typer.Option("--adapter", exists=True, help="Adapter folder (default: {run_dir}/adapter)."),
     ] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Folder for the merged model (default: {run_dir}/merged).")
@@ -388,7 +404,10 @@ def serve_command(
         str | None, typer.Option("--served-model-name", help="API name of the base model (default: --model).")
     ] = None,
     host: Annotated[str | None, typer.Option("--host", help="Address to bind (default serve.host).")] = None,
-    port: Annotated[int | None, typer.Option("--port", help="Port to bind (default serve.port).")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option("--port", min=0, max=65535, help="Port to bind (default serve.port; 0: a free one)."),
+    ] = None,
     api_key_env: Annotated[
         str | None,
         typer.Option(
@@ -416,7 +435,7 @@ def serve_command(
     from doctune.config import DEFAULT_CONFIG_NAME
 
     has_config = config is not None or Path(DEFAULT_CONFIG_NAME).is_file()
-    cfg = _config(config, sets, ()) if has_config else None
+    cfg = _config(config, sets, (), writes_run_dir=False) if has_config else None
     _setup_logging(verbose)
     from doctune.serve.launch import run_server
 
@@ -440,7 +459,8 @@ def chat_command(
         str, typer.Option("--model", help="Base model folder / hub name, or the model's name on --endpoint.")
     ],
     adapter: Annotated[
-        Path | None, typer.Option("--adapter", help="LoRA adapter folder to chat with (in-process).")
+        Path | None,
+        typer.Option("--adapter", exists=True, help="LoRA adapter folder to chat with (in-process)."),
     ] = None,
     endpoint: Annotated[
         str | None, typer.Option("--endpoint", help="OpenAI-compatible server URL ending in /v1.")

@@ -80,6 +80,23 @@ def make_dir(path: str | Path) -> Path:
     return path
 
 
+def check_writable_dir(path: str | Path, what: str) -> Path:
+    """Check, without creating anything, that `path` is or can become a folder this process may write into:
+    a one-line DoctuneError naming `what` (e.g. run_dir) when a file is in the way or the folder is read-only."""
+    path = Path(path)
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is None:
+        return path
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise DoctuneError(f"{what} {path}: {where} (choose another path)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DoctuneError(
+            f"{what} {path}: {existing} is not writable (fix its permissions or choose another path)"
+        )
+    return path
+
+
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temp file beside `path`; on success fsync and rename it over `path`, on error remove it.
@@ -146,7 +163,7 @@ def check_output_dir(
     for folder in map(Path, not_inside):
         if _is_within(where, folder.resolve()):
             raise DoctuneError(
-                f"{option} {path}: is inside {folder}, the documents folder (the next ingest would read it); "
+                f"{option} {path}: is in {folder}, the documents folder (the next ingest would read it); "
                 "give a folder outside it"
             )
     if path.exists() and not path.is_dir():

@@ -467,23 +467,23 @@ def run(
     """Fine-tune the student on {run_dir}/train.jsonl (validated on val.jsonl) into `output_dir`
     (default {run_dir}/adapter). `resume`: continue from the last checkpoint there. `from_adapter`: continue
     training that adapter instead of a new LoRA. `overwrite`: replace an earlier run's adapter and checkpoints."""
-    from transformers import AutoTokenizer, PrinterCallback, set_seed
-
     # ---- setup
     t0 = time.perf_counter()
     fcfg = cfg.finetune
     model_cfg = cfg.models[fcfg.model]
     out = Path(output_dir) if output_dir is not None else cfg.run_path / "adapter"
     from_adapter = Path(from_adapter) if from_adapter is not None else None
-    dist = dist_info()
-    hw = preflight(cfg)
-    check_output_dir(
+    check_output_dir(  # first: a wrong --output-dir is reported at once
         out,
         "--output-dir",
         keep=[cfg.base_dir, *([from_adapter] if from_adapter else [])],
         not_inside=[cfg.path(cfg.data.dir)],
         ours=[INFO_FILE, CHECKPOINTS_DIR],
     )
+    from transformers import AutoTokenizer, PrinterCallback, set_seed
+
+    dist = dist_info()
+    hw = preflight(cfg)
     checkpoint = _resume_point(out, resume, overwrite, from_adapter)
     if from_adapter is not None and not (from_adapter / "adapter_config.json").is_file():
         raise InputError(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 
 from doctune.config import Config, ServeConfig
-from doctune.errors import ConfigError
+from doctune.errors import ConfigError, DoctuneError
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +52,18 @@ def run_server(
     threads: int | None = None,
 ) -> None:
     """Load the base model and adapters and serve them until interrupted."""
+    defaults = cfg.serve if cfg is not None else ServeConfig()
+    api_key = api_key_from_env(api_key_env)
+    host = host or defaults.host
+    port = free_port(host, port if port is not None else defaults.port)  # at once, not after loading
+
     from doctune.serve.app import serve
     from doctune.serve.engine import Engine
     from doctune.serve.models import parse_adapter_specs, resolve_device
 
-    defaults = cfg.serve if cfg is not None else ServeConfig()
     adapter_dirs = {
         name: str(cfg.path(path)) if cfg else path for name, path in parse_adapter_specs(adapters).items()
     }
-    api_key = api_key_from_env(api_key_env)
     source, dtype, device = base_model(cfg, model)
     if resolve_device(device) == "cpu":
         set_cpu_threads(threads)
@@ -71,7 +76,32 @@ def run_server(
         max_batch=max_batch,
         max_tokens_cap=max_tokens,
     )
-    serve(engine, host=host or defaults.host, port=port or defaults.port, api_key=api_key)
+    serve(engine, host=host, port=port, api_key=api_key)
+
+
+def free_port(host: str, port: int) -> int:
+    """Check that the server can listen on host:port, at once rather than after the model has loaded; the port
+    to serve on (for port 0, the free port the OS picks). DoctuneError in one line when it cannot."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise DoctuneError(
+            f"--host {host}: not an address this machine can listen on ({exc.strerror})"
+        ) from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise DoctuneError(
+                    f"--port {port}: already in use on {host} (stop the other server, choose another port, "
+                    "or --port 0 for a free one)"
+                ) from None
+            raise DoctuneError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
+        return int(sock.getsockname()[1])
 
 
 def set_cpu_threads(threads: int | None) -> int:
