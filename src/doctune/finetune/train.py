@@ -4,8 +4,9 @@ transformers' Trainer + PEFT LoRA (plain Trainer, not TRL's SFTTrainer: faster i
 does the chat rendering and masking itself). Reads top to bottom:
 
 - setup: check the settings against the hardware, render every conversation with the student's chat template
-  (data.py: assistant-only labels), load the student (+ 4/8-bit quantization on CUDA), add LoRA or continue an
-  adapter, build a Trainer whose batches are padding-free rows (attention.py keeps samples apart);
+  (data.py: assistant-only labels), load the student through doctune.models (a folder, a .gguf file or a hub
+  name; + 4/8-bit quantization on CUDA), add LoRA or continue an adapter, build a Trainer whose batches are
+  padding-free rows (attention.py keeps samples apart);
 - run: train with validation loss every `eval_steps` and at the end, checkpoints for `--resume`;
 - write: the adapter `finetune.select` chooses in the output dir (val_loss: the lowest-val-loss step's, the
   default; last: the last step's), the other in `last/` or `best/`, each with the tokenizer and chat template,
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from doctune import models
 from doctune.config import Config, FinetuneConfig
 from doctune.errors import ConfigError, DoctuneError, InputError
 from doctune.finetune import data
@@ -242,33 +244,21 @@ def _items(samples: list[dict[str, Any]], packing: bool, max_length: int) -> lis
 # ---------------------------------------------------------------- model
 
 
-def _dtype(name: str, hw: Hardware) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if hw.bf16 else torch.float32
-    return getattr(torch, name)
-
-
 def _load_student(
     source: str, dtype: Any, fcfg: FinetuneConfig, hw: Hardware, dist: DistInfo, from_adapter: Path | None
 ) -> tuple[Any, str]:
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from doctune.finetune import attention
 
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {}
     if fcfg.quantization is not None:
         kwargs["quantization_config"] = quantization_config(fcfg.quantization, dtype)
         kwargs["device_map"] = {"": dist.local_rank}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as exc:
-        raise InputError(
-            f"finetune.model: cannot load {source!r} ({str(exc).splitlines()[0]}); give a local folder or a hub "
-            "name that is downloaded"
-        ) from None
+    try:  # placed by Trainer, or by device_map when quantized
+        model = models.load_causal_lm(source, dtype=dtype, device=None, **kwargs)
+    except InputError as exc:
+        raise InputError(f"finetune.model: {exc}") from None
     model.config.use_cache = False
     if fcfg.quantization is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -278,7 +268,10 @@ def _load_student(
     model.set_attn_implementation(attn)
 
     if from_adapter is not None:
-        model = PeftModel.from_pretrained(model, str(from_adapter), is_trainable=True)
+        try:
+            model = models.load_adapter(model, from_adapter, is_trainable=True, base=source)
+        except InputError as exc:
+            raise InputError(f"--from-adapter: {exc}") from None
     else:
         lora = fcfg.lora
         model = get_peft_model(
@@ -480,7 +473,7 @@ def run(
         not_inside=[cfg.path(cfg.data.dir)],
         ours=[INFO_FILE, CHECKPOINTS_DIR],
     )
-    from transformers import AutoTokenizer, PrinterCallback, set_seed
+    from transformers import PrinterCallback, set_seed
 
     dist = dist_info()
     hw = preflight(cfg)
@@ -500,11 +493,9 @@ def run(
     has_tokenizer = from_adapter is not None and (from_adapter / "tokenizer_config.json").is_file()
     tokenizer_source = str(from_adapter) if has_tokenizer else source
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    except OSError as exc:
-        raise InputError(
-            f"finetune.model: cannot load the tokenizer of {tokenizer_source!r} ({exc})"
-        ) from None
+        tokenizer = models.load_tokenizer(tokenizer_source)
+    except InputError as exc:
+        raise InputError(f"finetune.model: {exc}") from None
     template, template_source = data.training_template(tokenizer)
     tokenizer.chat_template = template
 
@@ -525,7 +516,7 @@ def run(
         warnings.append(f"{val_path}: no validation conversations; no val loss, the last adapter is the best")
 
     set_seed(fcfg.seed)
-    dtype = _dtype(model_cfg.dtype, hw)
+    dtype = models.resolve_dtype(model_cfg.dtype, "cuda" if hw.cuda else "cpu")
     model, attn = _load_student(source, dtype, fcfg, hw, dist, from_adapter)
     trainer_cls = _make_trainer_class()
     callbacks = [_progress_callback(progress)]

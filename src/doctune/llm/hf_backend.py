@@ -11,7 +11,8 @@ stop strings share one left-padded `generate()` of up to `max_concurrency` rows,
 event loop stays free; requests that arrive while a batch runs form the next one. Greedy when temperature is 0.
 JSON schemas are enforced with xgrammar (llm/grammar.py).
 
-The adapter is loaded with `PeftModel.from_pretrained` and is always active, so `generate()` never gets
+Model, tokenizer and adapter are loaded through doctune.models (a folder, a .gguf file or a hub name; device
+and dtype resolved there; any failure one LLMError line). The adapter is always active, so `generate()` never gets
 `adapter_names`: PEFT's per-call forward hooks (which PEFT issue #3475 leaves behind when a call raises) are
 never installed, and a failed batch leaves the model as it was.
 """
@@ -28,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from doctune.config import ModelConfig
-from doctune.errors import LLMError
+from doctune.errors import DoctuneError, LLMError
 from doctune.llm.base import Completion, RequestFailed
-from doctune.reporting import quiet_library_bars
 from doctune.runs import sha256_file, sha256_text
 
 log = logging.getLogger(__name__)
@@ -337,37 +337,22 @@ def load_model(model_path: str, adapter: Path | None, cfg: ModelConfig) -> _Load
 
 
 def _load_model(model_path: str, adapter: Path | None, cfg: ModelConfig) -> _Loaded:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from doctune import models
 
     started = time.perf_counter()
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    local = Path(model_path).expanduser()
-    if _looks_like_path(model_path) and not local.is_dir():
-        raise LLMError(
-            f"hf model {model_path}: folder does not exist (fix `model:` in doctune.yaml, "
-            "or build a test model with `doctune tiny-model DIR`)"
-        )
-    if adapter is not None and not (adapter / "adapter_config.json").is_file():
-        raise LLMError(
-            f"adapter {adapter}: no adapter_config.json there (run `doctune finetune` or fix the adapter path)"
-        )
-    source = str(local) if local.is_dir() else model_path
-    tokenizer_source = str(adapter) if adapter and (adapter / "tokenizer_config.json").is_file() else source
+    device = models.resolve_device(cfg.device)
     try:
-        with quiet_library_bars():
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map={"": device})
-            if adapter is not None:
-                from peft import PeftModel
-
-                model = PeftModel.from_pretrained(model, str(adapter))
-    except Exception as exc:  # transformers/peft/hub raise many types; the user needs one line and a fix
-        what = f"adapter {adapter} on {model_path}" if adapter else f"hf model {model_path}"
-        raise LLMError(f"{what}: cannot load ({type(exc).__name__}: {_one_line(exc)})") from exc
+        ref = models.resolve(model_path)
+        if adapter is not None:
+            models.adapter_folder(adapter)
+        has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
+        tokenizer = models.load_tokenizer(adapter if has_tokenizer else ref, chat_template=True)
+        model = models.load_causal_lm(ref, dtype=cfg.dtype, device=device)
+        if adapter is not None:
+            model = models.load_adapter(model, adapter, base=ref)
+    except DoctuneError as exc:  # one line already; a backend reports LLMError
+        raise LLMError(str(exc)) from None
     model.eval()
-    if tokenizer.chat_template is None:
-        raise LLMError(f"{tokenizer_source}: the tokenizer has no chat template (use an instruct/chat model)")
 
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -384,33 +369,10 @@ def _load_model(model_path: str, adapter: Path | None, cfg: ModelConfig) -> _Loa
         model_path,
         f" + adapter {adapter}" if adapter else "",
         device,
-        str(dtype).removeprefix("torch."),
+        str(model.dtype).removeprefix("torch."),
         time.perf_counter() - started,
     )
     return _Loaded(model, tokenizer, device, eos_ids, pad_id, max_positions)
-
-
-def resolve_device(device: str) -> str:
-    """ "auto" → "cuda" when a GPU is visible, else "cpu"; anything else as given."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> Any:
-    """ "auto" → bfloat16 on CUDA, float32 elsewhere (bf16 matmuls are slow on CPUs)."""
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, dtype)
-
-
-def _looks_like_path(value: str) -> bool:
-    """A local folder rather than a hub name ("org/name"): absolute, ./ ../ ~, or more than one slash."""
-    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or Path(value).expanduser().exists()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -57,9 +57,10 @@ def run_server(
     host = host or defaults.host
     port = free_port(host, port if port is not None else defaults.port)  # at once, not after loading
 
+    from doctune.models import resolve_device
     from doctune.serve.app import serve
     from doctune.serve.engine import Engine
-    from doctune.serve.models import parse_adapter_specs, resolve_device
+    from doctune.serve.models import parse_adapter_specs
 
     adapter_dirs = {
         name: str(cfg.path(path)) if cfg else path for name, path in parse_adapter_specs(adapters).items()

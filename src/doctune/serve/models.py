@@ -1,7 +1,8 @@
 """What the server serves: one base model and its LoRA adapters, each under a name.
 
 Like vLLM's `--lora-modules`, a request's `model` picks the base or an adapter; all of them share the base
-weights, and one batch may mix them (PEFT's `adapter_names`).
+weights, and one batch may mix them (PEFT's `adapter_names`). Base and adapters load through doctune.models, so
+the base may be a folder, a .gguf file or a hub name, and an adapter of another base is refused in one line.
 
 Chat template and system prompt, per served name:
 - the base model uses its tokenizer's chat template and no default system prompt;
@@ -77,12 +78,9 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
 
 def read_adapter(name: str, path: str | Path, adapter: str, parent: str) -> ServedModel:
     """The served entry of one adapter folder: its chat template and training system prompt, if it has them."""
-    folder = Path(path)
-    if not (folder / "adapter_config.json").is_file():
-        raise InputError(
-            f"{folder}: not a PEFT adapter folder (no adapter_config.json); give the adapter/ folder "
-            "that `doctune finetune` writes"
-        )
+    from doctune.models import adapter_folder
+
+    folder = adapter_folder(path)
     template_file = folder / "chat_template.jinja"
     template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
     return ServedModel(
@@ -108,22 +106,6 @@ def _training_system_prompt(info_file: Path) -> str | None:
     return prompt if isinstance(prompt, str) and prompt.strip() else None
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: str, device: str) -> Any:
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
 def load_models(
     base: str,
     adapters: dict[str, str] | None = None,
@@ -132,8 +114,9 @@ def load_models(
     dtype: str = "auto",
     device: str = "auto",
 ) -> LoadedModels:
-    """Load the base model (a local folder or hub name) and every adapter (served name → folder)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load the base model (a folder, a .gguf file or a hub name: doctune.models) and every adapter (served
+    name → folder); InputError in one line when one of them cannot load or an adapter does not fit the base."""
+    from doctune import models
 
     adapters = adapters or {}
     base_name = served_name or base
@@ -144,25 +127,21 @@ def load_models(
     for i, (name, path) in enumerate(adapters.items()):
         served[name] = read_adapter(name, path, adapter=f"adapter_{i}", parent=base_name)
 
-    device = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    device = models.resolve_device(device)
+    ref = models.resolve(base)
+    tokenizer = models.load_tokenizer(ref)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None and any(s.chat_template is None for s in served.values()):
         raise InputError(f"{base}: the tokenizer has no chat template; serve a chat (instruct) model")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=resolve_dtype(dtype, device)).to(device)
+    model = models.load_causal_lm(ref, dtype=dtype, device=device)
 
     uses_peft = bool(adapters)
-    if uses_peft:
-        from peft import PeftModel
-
-        entries = [s for s in served.values() if s.adapter != BASE_ADAPTER]
-        with warnings.catch_warnings():  # transformers 5 deprecation noise from inside PEFT
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            model = PeftModel.from_pretrained(model, entries[0].source, adapter_name=entries[0].adapter)
-            for entry in entries[1:]:
-                model.load_adapter(entry.source, adapter_name=entry.adapter)
+    with warnings.catch_warnings():  # transformers 5 deprecation noise from inside PEFT
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        for entry in (s for s in served.values() if s.adapter != BASE_ADAPTER):
+            model = models.load_adapter(model, entry.source, adapter_name=entry.adapter, base=ref)
     model.eval()
 
     eos = model.generation_config.eos_token_id
