@@ -43,6 +43,23 @@ class _Progress:
         pass
 
 
+def _recording_config(tmp_path, tiny_model_dir, monkeypatch):
+    """A config that counts with the tiny model's tokenizer, and the list that will hold the counter used."""
+    counters = []
+    real_counter_for = stage.counter_for
+
+    def recording_counter_for(cfg):
+        counter = real_counter_for(cfg)
+        assert isinstance(counter, TokenizerCounter)
+        counter._backend = _RecordingBackend(counter._backend)
+        counters.append(counter)
+        return counter
+
+    monkeypatch.setattr(stage, "counter_for", recording_counter_for)
+    data = {"dir": "data", "tokenizer": str(tiny_model_dir), "chunk_tokens": 256, "chunk_overlap": 16}
+    return build_config({"run_dir": "run", "data": data}, tmp_path), counters
+
+
 def test_a_5_mb_one_line_text_shows_progress_and_is_tokenized_in_windows(
     tmp_path, tiny_model_dir, monkeypatch
 ):
@@ -95,3 +112,21 @@ def test_a_5_mb_one_line_text_shows_progress_and_is_tokenized_in_windows(
     assert all(c["n_tokens"] <= 256 for c in chunks)
     assert sum(c["n_tokens"] for c in chunks) > 0.9 * 256 * len(chunks) * (1 - 16 / 256)  # chunks are full
     assert chunks[-1]["char_end"] == len(line.rstrip())
+
+
+def test_a_text_without_whitespace_is_cut_without_tokenizing_it_whole(tmp_path, tiny_model_dir, monkeypatch):
+    blob = "".join(
+        random.Random(1).choices(
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", k=200_000
+        )
+    )
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "blob.txt").write_text(blob, encoding="utf-8")
+    cfg, counters = _recording_config(tmp_path, tiny_model_dir, monkeypatch)
+    stage.run(cfg)
+
+    assert counters[0]._backend.longest < 50_000
+    chunks = read_jsonl(tmp_path / "run" / "chunks.jsonl")
+    assert all(c["n_tokens"] <= 256 for c in chunks)
+    assert chunks[0]["char_start"] == 0 and chunks[-1]["char_end"] == len(blob)

@@ -207,6 +207,26 @@ class Chunker:
         self.region_chars = max(REGION_CHARS, 64 * max_tokens)
         self.too_long = MAX_CHARS_PER_TOKEN * max_tokens  # characters: surely over the limit
 
+    def _span_estimates(self, text: str, spans: list[tuple[int, int]]) -> list[int]:
+        """`_estimates` of contiguous spans of `text` through the counter's `count_spans`, run by run of spans
+        short enough to count."""
+        counts = [self.max_tokens + 1] * len(spans)
+        run: list[int] = []
+
+        def flush() -> None:
+            if run:
+                for i, n in zip(run, self.counter.count_spans(text, [spans[i] for i in run]), strict=True):
+                    counts[i] = n
+                run.clear()
+
+        for i, (start, end) in enumerate(spans):
+            if end - start > self.too_long:
+                flush()
+            else:
+                run.append(i)
+        flush()
+        return counts
+
     def _estimates(self, texts: Sequence[str]) -> list[int]:
         """Token counts of pieces; a text of more than `too_long` characters gets max_tokens + 1 uncounted
         (it will be split further either way)."""
@@ -340,7 +360,7 @@ class Chunker:
         finer, pattern = _FINER[level]
         spans = _split(text, start, end, pattern, finer, strength)
         if finer == WORD and hasattr(self.counter, "count_spans"):  # many small spans: one pass per window
-            counts = self.counter.count_spans(text, [(s, e) for s, e, _ in spans])
+            counts = self._span_estimates(text, [(s, e) for s, e, _ in spans])
         else:
             counts = self._estimates([text[s:e] for s, e, _ in spans])
         for (s, e, st), n in zip(spans, counts, strict=True):
