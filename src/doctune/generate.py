@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,16 +92,50 @@ def allocate_questions(weights: Sequence[int], total: int) -> list[int]:
 # ------------------------------------------------------------------------------------------ replies
 
 
-def text_bound(max_tokens: int, num_questions: int) -> int:
-    """Longest question or answer (characters) for in-process decoding, where a weak model may never close a
-    string on its own: small enough that `num_questions` pairs fit in `max_tokens` even at one token per
-    character, at most MAX_TEXT_CHARS (the prompt asks for answers of <= 60 words).
+@dataclass(frozen=True)
+class ReplyCosts:
+    """What a reply costs in the teacher's tokens: characters per token of the documents' text, and the
+    tokens of the JSON around the strings. The defaults assume the worst: one token per character."""
 
-    >>> text_bound(2048, 2), text_bound(2048, 10), text_bound(256, 1)
+    chars_per_token: float = 1.0
+    envelope_tokens: int = 16  # {"pairs":[]}
+    pair_tokens: int = 32  # {"question":"","answer":""},
+
+
+ENVELOPE = '{"pairs":[]}'
+PAIR_SKELETON = '{"question":"","answer":""},'
+SAMPLE_CHARS = 20_000  # of chunk text, to measure characters per token
+
+
+def text_bound(max_tokens: int, num_questions: int, costs: ReplyCosts = ReplyCosts()) -> int:
+    """Longest question or answer (characters) for in-process decoding, where a weak model may never close a
+    string on its own: small enough that `num_questions` pairs fit in `max_tokens` at the teacher's measured
+    `costs` (see measure_reply_costs), at most MAX_TEXT_CHARS (the prompt asks for answers of <= 60 words).
+
+    >>> text_bound(2048, 2), text_bound(2048, 10), text_bound(256, 1)  # one token per character
     (400, 85, 104)
+    >>> text_bound(512, 11, ReplyCosts(chars_per_token=4.0, envelope_tokens=5, pair_tokens=9))
+    72
     """
-    per_pair = (max_tokens - 16) // max(1, num_questions)  # 16: {"pairs":[...]}
-    return max(MIN_TEXT_CHARS, min(MAX_TEXT_CHARS, (per_pair - 32) // 2))  # 32: {"question":"","answer":""},
+    per_pair = (max_tokens - costs.envelope_tokens) // max(1, num_questions)
+    text_tokens = (per_pair - costs.pair_tokens) // 2
+    return max(MIN_TEXT_CHARS, min(MAX_TEXT_CHARS, int(text_tokens * costs.chars_per_token)))
+
+
+async def measure_reply_costs(llm: LLM, texts: Sequence[str]) -> ReplyCosts:
+    """The teacher tokenizer's characters per token on (up to SAMPLE_CHARS of) `texts`, and its tokens for the
+    reply's JSON skeleton. An LLM that cannot count tokens here (a server) gets the one-per-character worst case.
+    """
+    count = getattr(llm, "count_tokens", None)
+    sample = "\n\n".join(texts)[:SAMPLE_CHARS]
+    tokens = await count(sample) if count is not None and sample.strip() else None
+    if not tokens:
+        return ReplyCosts()
+    return ReplyCosts(
+        chars_per_token=len(sample) / tokens,
+        envelope_tokens=await count(ENVELOPE),
+        pair_tokens=await count(PAIR_SKELETON),
+    )
 
 
 def reply_schema(num_questions: int, *, max_chars: int | None = None) -> dict[str, Any]:
@@ -192,14 +226,15 @@ def build_requests(
     *,
     language: str,
     bound_strings_to: int | None = None,
+    costs: ReplyCosts = ReplyCosts(),
 ) -> list[Request]:
     """The seed's request shape: the filled template as the system message, the chunk's text as the user's.
     Chunks allotted no question get no request. `bound_strings_to` (max_tokens; in-process decoding) bounds
-    the schema's strings so that a whole reply fits in it (text_bound)."""
+    the schema's strings so that a whole reply fits in it at the teacher's `costs` (text_bound)."""
     sizes = set(counts) - {0}
     systems = {n: fill(template, num_questions=n, language=language) for n in sizes}
     schemas = {
-        n: reply_schema(n, max_chars=text_bound(bound_strings_to, n) if bound_strings_to else None)
+        n: reply_schema(n, max_chars=text_bound(bound_strings_to, n, costs) if bound_strings_to else None)
         for n in sizes
     }
     return [
@@ -367,12 +402,29 @@ def load_chunks(path: Path) -> list[dict[str, Any]]:
 
 
 async def _preflight_and_ask(
-    llm: LLM, requests: list[Request], progress: Progress, **kw: Any
-) -> list[Outcome]:
+    llm: LLM,
+    plan: Callable[[ReplyCosts], list[Request]],
+    texts: list[str],
+    progress: Progress,
+    *,
+    measure: bool,
+    **kw: Any,
+) -> tuple[list[Request], ReplyCosts | None, list[Outcome]]:
+    """Preflight, then (in-process teachers) measure the tokenizer's costs, plan the requests and ask them."""
     try:
         await llm.preflight()
+        costs = await measure_reply_costs(llm, texts) if measure else None
+        requests = plan(costs or ReplyCosts())
+        log.info(
+            "%d requests, %d questions asked of %s",
+            len(requests),
+            sum(r.num_questions for r in requests),
+            llm.name,
+        )
+        if costs is not None:
+            log.info("%.2f characters per token: strings bounded to fit max_tokens", costs.chars_per_token)
         progress.start("generate", total=len(requests))
-        return await ask_all(llm, requests, progress=progress, **kw)
+        return requests, costs, await ask_all(llm, requests, progress=progress, **kw)
     finally:
         progress.finish()
         await llm.aclose()
@@ -394,13 +446,14 @@ def run(
     template = load_prompts(STAGE, cfg.path(gen.prompts) if gen.prompts else None)[PROMPT_KEY]
     teacher = cfg.model(gen.model)
     counts = allocate_questions([c["n_tokens"] for c in chunks], gen.total_questions)
-    requests = build_requests(
-        chunks,
-        counts,
-        template,
-        language=gen.language,
-        bound_strings_to=gen.max_tokens if teacher.backend == "hf" else None,
-    )
+    bounded = teacher.backend == "hf"  # in-process decoding: strings bounded from the tokenizer's costs
+
+    def plan(costs: ReplyCosts) -> list[Request]:
+        bound = gen.max_tokens if bounded else None
+        return build_requests(
+            chunks, counts, template, language=gen.language, bound_strings_to=bound, costs=costs
+        )
+
     provenance = {"teacher": teacher.model, "prompt_sha256": sha256_text(template)}
     record = StageRecord(STAGE, config={"generate": gen.model_dump(), "teacher": teacher.model_dump()})
     record.add_input(chunks_path, CHUNKS)
@@ -408,17 +461,17 @@ def run(
         from doctune.llm.factory import build_llm
 
         llm = build_llm(cfg, gen.model, use_cache=use_cache, cache_path=run_dir / CACHE)
-    log.info(
-        "%d chunks, %d requests, %d questions asked of %s", len(chunks), len(requests), sum(counts), llm.name
-    )
+    log.info("%d chunks", len(chunks))
 
     tally = Tally()
     t0 = time.perf_counter()
-    outcomes = asyncio.run(
+    requests, costs, outcomes = asyncio.run(
         _preflight_and_ask(
             llm,
-            requests,
+            plan,
+            [c["text"] for c in chunks],
             progress,
+            measure=bounded,
             max_tokens=gen.max_tokens,
             temperature=gen.temperature,
             provenance=provenance,
@@ -448,6 +501,8 @@ def run(
     }
     record.tokens = tally.tokens()
     record.notes = {**provenance, "requests_per_s": round(len(requests) / seconds, 2) if seconds else None}
+    if costs is not None:
+        record.notes["teacher_chars_per_token"] = round(costs.chars_per_token, 3)
     run_dir.record(record)
 
     summary = _summary(run_dir, chunks, requests, tally, seconds)

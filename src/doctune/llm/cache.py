@@ -352,6 +352,11 @@ class CachedLLM:
     async def preflight(self) -> None:
         await self.inner.preflight()
 
+    async def count_tokens(self, text: str) -> int | None:
+        """Tokens of `text` under the inner model's tokenizer; None when it has none here (a server)."""
+        count = getattr(self.inner, "count_tokens", None)
+        return await count(text) if count is not None else None
+
     async def aclose(self) -> None:
         try:
             await self.inner.aclose()

@@ -117,6 +117,14 @@ class HFBackend:
         """Load the model (and adapter) now; LLMError with one line if that fails."""
         await asyncio.to_thread(self._load)
 
+    async def count_tokens(self, text: str) -> int:
+        """Tokens of `text` under this model's tokenizer, without special tokens (loads the model if needed)."""
+        await asyncio.to_thread(self._load)
+        loaded = self._loaded
+        if loaded is None:
+            raise LLMError(f"{self.name}: the model was closed (aclose) before its tokens could be counted")
+        return len(loaded.tokenizer.encode(text, add_special_tokens=False))
+
     async def chat(
         self,
         messages: list[dict[str, Any]],
