@@ -264,6 +264,26 @@ def test_chat_and_merge_with_an_adapter_of_another_base_say_so_in_one_line(
     assert_one_error_line(result, "no adapter_config.json there")
 
 
+def test_finetune_with_a_student_that_is_not_a_model_or_an_adapter_of_another_base_says_so(
+    tiny_model_dir, other_base, foreign_adapter, tmp_path
+):
+    from tests.finetune.helpers import write_chat_data, yaml_config
+
+    only_tokenizer = tmp_path / "only-tokenizer"
+    only_tokenizer.mkdir()
+    for name in TOKENIZER_FILES:
+        shutil.copy(tiny_model_dir / name, only_tokenizer / name)
+    write_chat_data(tmp_path / "run", n_train=4, n_val=0)
+    config = yaml_config(tmp_path / "doctune.yaml", tmp_path / "run", only_tokenizer)
+    result = run_doctune("finetune", "-c", str(config))
+    assert_one_error_line(result, f"finetune.model: {only_tokenizer}: not a model folder (no config.json)")
+
+    config = yaml_config(tmp_path / "doctune.yaml", tmp_path / "run", tiny_model_dir)
+    result = run_doctune("finetune", "-c", str(config), "--from-adapter", str(foreign_adapter))
+    assert_one_error_line(result, f"--from-adapter: adapter {foreign_adapter} was trained on {other_base}")
+    assert not (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
 # ---------------------------------------------------------------------------------------- GGUF (real model)
 
 
