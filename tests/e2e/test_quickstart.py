@@ -1,5 +1,5 @@
-"""The quickstart end to end, as `make demo` runs it: every stage, then a rerun that skips them all, then an
-edited document that re-runs the pipeline from ingest."""
+"""The quickstart end to end on the tiny random model (doctune.tiny.yaml, the demo's pipeline with a random model):
+every stage, then a rerun that skips them all, then an edited document that re-runs the pipeline from ingest."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def doctune_run(config: Path) -> subprocess.CompletedProcess:
 def test_quickstart_runs_skips_and_reruns_from_an_edited_document(tmp_path, tiny_model_dir):
     shutil.copytree(QUICKSTART / "data", tmp_path / "data")
     shutil.copy(QUICKSTART / "eval_set.json", tmp_path / "eval_set.json")
-    raw = yaml.safe_load((QUICKSTART / "doctune.yaml").read_text(encoding="utf-8"))
+    shutil.copy(QUICKSTART / "faq.json", tmp_path / "faq.json")
+    raw = yaml.safe_load((QUICKSTART / "doctune.tiny.yaml").read_text(encoding="utf-8"))
     raw["models"]["tiny"]["model"] = str(tiny_model_dir)
     raw["generate"]["total_questions"] = 60
     config = tmp_path / "doctune.yaml"
