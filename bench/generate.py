@@ -6,6 +6,8 @@ latency. The same N generation requests go through, in one run:
   doctune           doctune.generate.run (openai backend, cache on, max_concurrency C), parsing replies and
                     writing qa_raw.jsonl: what a user gets
   (a) AsyncOpenAI   a bare `AsyncOpenAI` client, semaphore of C, replies not even parsed: the practical ceiling
+  (a2) streamed     the same bare client with stream=True (doctune streams its requests: an idle timeout
+                    instead of a whole-request one), deltas joined: what streaming itself costs
   (b) seed recipe   asyncio.gather over run_in_executor with the synchronous client and the default thread pool
 
 Targets: doctune >= 90% of (a)'s rate and >= 5x (b)'s. CPU time per request is this process's CPU time (the
@@ -149,6 +151,30 @@ def run_bare_async(base_url: str, requests: list[dict[str, Any]], concurrency: i
     return asyncio.run(main())
 
 
+def run_bare_streamed(base_url: str, requests: list[dict[str, Any]], concurrency: int) -> int:
+    from openai import AsyncOpenAI
+
+    async def main() -> int:
+        client = AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=60)
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(req: dict[str, Any]) -> str | None:
+            async with sem:
+                stream = await client.chat.completions.create(
+                    **req, stream=True, stream_options={"include_usage": True}
+                )
+                parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+            return "".join(parts) or None
+
+        try:
+            replies = await asyncio.gather(*(one(r) for r in requests))
+        finally:
+            await client.close()
+        return sum(r is not None for r in replies)
+
+    return asyncio.run(main())
+
+
 def run_seed_recipe(base_url: str, requests: list[dict[str, Any]]) -> int:
     """The seed's strategy: the synchronous client on the event loop's default thread pool."""
     from openai import OpenAI
@@ -192,6 +218,7 @@ def main() -> None:
         methods = {
             "doctune": lambda: run_doctune(cfg),
             "(a) bare AsyncOpenAI": lambda: run_bare_async(server.base_url, requests, args.concurrency),
+            "(a2) bare, streamed": lambda: run_bare_streamed(server.base_url, requests, args.concurrency),
             "(b) seed recipe": lambda: run_seed_recipe(server.base_url, requests),
         }
         results: dict[str, dict[str, Any]] = {}
