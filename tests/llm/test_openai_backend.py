@@ -349,6 +349,14 @@ def test_requests_stream_and_the_pieces_make_one_completion():
     assert (streamed.prompt_tokens, streamed.completion_tokens) == (len("q 0") // 4 + 1, len(answer) // 4 + 1)
 
 
+def test_stream_false_sends_whole_requests():
+    answer = "Lumen Relay listens on port 7300 by default."
+    with FakeOpenAIServer(reply=lambda req: answer) as srv:
+        [whole] = asyncio.run(chat_all(OpenAIBackend(model_cfg(srv.base_url, stream=False)), ask(1)))
+    assert not srv.received[0].get("stream")
+    assert whole.text == answer and whole.finish_reason == "stop"
+
+
 def test_a_stream_without_usage_counts_its_content_deltas():
     answer = "one two three four five"
     with FakeOpenAIServer(reply=lambda req: Reply(answer, finish_reason="length"), stream_usage=False) as srv:

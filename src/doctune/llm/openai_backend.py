@@ -406,8 +406,8 @@ class OpenAIBackend:
         raise AssertionError("unreachable")
 
     async def _attempt(self, client: openai.AsyncOpenAI, url: str, request: dict[str, Any]) -> Completion:
-        """One try: streamed unless `url` rejected streaming before."""
-        if url not in self._whole_requests:
+        """One try: streamed unless the config says `stream: false` or `url` rejected streaming before."""
+        if self.cfg.stream and url not in self._whole_requests:
             try:
                 stream = await client.chat.completions.create(
                     **request, stream=True, stream_options={"include_usage": True}
