@@ -88,8 +88,13 @@ class ModelConfig(Section):
     timeout: float = Field(
         120.0,
         gt=0,
-        description="openai: idle timeout: seconds with nothing from the server (requests stream) before a "
-        "request is abandoned and retried; an answer that keeps coming is never cut.",
+        description="openai: seconds with nothing from the server before a request is abandoned and retried; "
+        "with stream: true an answer that keeps coming is never cut, with stream: false it bounds the whole answer.",
+    )
+    stream: bool = Field(
+        True,
+        description="openai: stream answers, so a slow server that keeps writing is waited for; false: whole "
+        "answers (about half the client CPU per request: for a fast server at hundreds of requests/s).",
     )
     max_retries: int = Field(
         6, ge=0, description="openai: retries on 429/5xx/timeouts, with jittered backoff."
