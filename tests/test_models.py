@@ -349,3 +349,23 @@ def test_doctune_chat_with_a_gguf_file_answers_the_paris_question(smollm2_gguf, 
     assert result.returncode == 0 and "Traceback" not in output, output
     reply = next(line for line in result.stdout.splitlines() if "base>" in line)
     assert "Paris" in reply, output
+
+
+@pytest.mark.slow
+def test_a_gguf_file_as_an_hf_model_in_the_config_answers(smollm2_gguf, smollm2_folder):
+    import asyncio
+
+    from doctune.config import ModelConfig
+    from doctune.llm.hf_backend import HFBackend
+
+    llm = HFBackend(ModelConfig(backend="hf", model=str(smollm2_gguf)))
+
+    async def ask():
+        try:
+            return await llm.chat(
+                [{"role": "user", "content": "What is the capital of France?"}], max_tokens=12
+            )
+        finally:
+            await llm.aclose()
+
+    assert "Paris" in asyncio.run(ask()).text
