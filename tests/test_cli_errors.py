@@ -228,6 +228,9 @@ def test_tiny_model_keeps_a_folder_it_did_not_write_and_replaces_its_own(tmp_pat
     again = doctune("tiny-model", "m", "--seed", "1", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "seed 1" in (tmp_path / "m" / "README.md").read_text()
+    (tmp_path / "m" / ".doctune-output").unlink()  # as a doctune before the marker wrote it
+    assert doctune("tiny-model", "m", cwd=tmp_path).returncode == 0
+    assert "seed 0" in (tmp_path / "m" / "README.md").read_text()
 
 
 # ---------------------------------------------------------------- serve: the port

@@ -188,7 +188,10 @@ def build_tiny_model(
         raise DoctuneError(f"--size {size!r}: unknown model size (choose one of: {', '.join(SIZES)})")
     shape = SIZES[size]
     started = time.perf_counter()
-    out_dir = check_output_dir(out_dir, "tiny-model", keep=[corpus] if corpus else [])
+    out_dir = Path(out_dir)
+    if _written_before_markers(out_dir):
+        mark_output_dir(out_dir, "tiny-model")
+    check_output_dir(out_dir, "tiny-model", keep=[corpus] if corpus else [])
     texts = read_corpus(corpus)
 
     tokenizer = train_tokenizer(texts, shape["vocab"])
@@ -219,6 +222,15 @@ def build_tiny_model(
     summary.add("seconds", round(time.perf_counter() - started, 2))
     summary.outputs.append(str(out_dir))
     return summary
+
+
+def _written_before_markers(folder: Path) -> bool:
+    """A tiny model written by a doctune older than the output marker: its README.md is this module's."""
+    readme = folder / "README.md"
+    try:
+        return readme.is_file() and readme.read_text(encoding="utf-8").startswith("# doctune tiny model (")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _replace_dir(target: Path, staged: Path) -> None:
