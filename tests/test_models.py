@@ -327,6 +327,12 @@ def test_a_gguf_model_answers_and_its_adapters_record_the_gguf_as_base(
     )
     out = model.generate(**enc, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, enc["input_ids"].shape[1] :])
+    from doctune.ingest.chunking import load_tokenizer_counter  # data.tokenizer may be the .gguf too
+
+    text = "The capital of France is Paris."
+    assert load_tokenizer_counter(str(smollm2_gguf)).count(text) == len(
+        tokenizer.encode(text, add_special_tokens=False)
+    )
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
