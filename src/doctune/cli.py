@@ -506,6 +506,45 @@ def chat_command(
         backend.close()
 
 
+@app.command("export")
+def export_command(
+    adapter: Annotated[
+        Path | None,
+        typer.Option(
+            "--adapter", help="Adapter folder, or a merged model folder (default: {run_dir}/adapter)."
+        ),
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base model (default: the one the adapter was trained on).")
+    ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out",
+            help="GGUF file to write; {type} is replaced by the type (default: {run_dir}/export/chatbot-{type}.gguf).",
+        ),
+    ] = None,
+    types: Annotated[
+        list[str] | None,
+        typer.Option("--type", help="f16, q8_0 or f32; repeatable or comma-separated (default: q8_0)."),
+    ] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Export the fine-tuned chatbot as GGUF (llama.cpp, Ollama, LM Studio) with an Ollama Modelfile beside it."""
+    if adapter is None or out is None:
+        cfg = _config(config, sets, run_dir=run_dir)
+        adapter = adapter or cfg.run_path / "adapter"
+        out = out or str(cfg.run_path / "export" / "chatbot-{type}.gguf")
+    _setup_logging(verbose)
+    from doctune.finetune.export import export
+
+    wanted = [t for value in types or ["q8_0"] for t in value.split(",")]
+    _print_summary(export(adapter, out, types=wanted, base=base, progress=RichProgress()))
+
+
 @app.command("run")
 def run_pipeline(
     config: ConfigOpt = None,
