@@ -178,6 +178,7 @@ def test_finetune_output_dir_that_is_the_config_or_inside_the_documents_is_refus
     assert (tmp_path / "doctune.yaml").read_text() == config and not any((tmp_path / "data").iterdir())
 
 
+@pytest.mark.slow
 def test_report_to_an_unknown_logger_names_the_allowed_ones(tmp_path):
     assert doctune("init", cwd=tmp_path).returncode == 0
     proc = doctune("finetune", "--set", "finetune.report_to=[foo]", cwd=tmp_path)
@@ -218,6 +219,7 @@ def test_merge_never_replaces_what_it_did_not_write(tmp_path, out, says):
     assert (tmp_path / "data" / "important.md").read_text() == "# mine\n"
 
 
+@pytest.mark.slow
 def test_tiny_model_keeps_a_folder_it_did_not_write_and_replaces_its_own(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "important.md").write_text("# mine\n")
@@ -246,6 +248,7 @@ def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads(tmp_path):
     assert "http://" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_serve_on_port_0_prints_the_port_it_really_listens_on(tiny_model_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "200"}
     proc = subprocess.Popen(
