@@ -535,7 +535,7 @@ def export_command(
 ) -> None:
     """Export the fine-tuned chatbot as GGUF (llama.cpp, Ollama, LM Studio) with an Ollama Modelfile beside it."""
     if adapter is None or out is None:
-        cfg = _config(config, sets, run_dir=run_dir)
+        cfg = _config(config, sets, (), run_dir=run_dir)
         adapter = adapter or cfg.run_path / "adapter"
         out = out or str(cfg.run_path / "export" / "chatbot-{type}.gguf")
     _setup_logging(verbose)
