@@ -132,6 +132,14 @@ def test_a_usage_error_shows_the_usage_line_and_one_error_line(tmp_path):
     assert lines[-1] == "Error: Invalid value for '--nproc': Input should be greater than or equal to 1"
 
 
+def test_cli_doctests():
+    import doctest
+
+    import doctune.cli
+
+    assert doctest.testmod(doctune.cli).failed == 0
+
+
 def test_interrupted_hint_tells_finetune_to_resume():
     from doctune.cli import interrupted_hint
 

@@ -220,3 +220,11 @@ def test_a_folder_as_config_uses_its_doctune_yaml_or_says_what_to_give(tmp_path)
         load_config(tmp_path / "empty")
     write(tmp_path, "run_dir: from-folder\n")
     assert load_config(tmp_path).run_dir == "from-folder"
+
+
+def test_doctests():
+    import doctest
+
+    import doctune.config
+
+    assert doctest.testmod(doctune.config).failed == 0

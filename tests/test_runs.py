@@ -124,3 +124,11 @@ def test_a_run_dir_where_a_file_is_in_the_way_is_one_line(tmp_path):
         atomic_write_text(tmp_path, "x")
     assert check_writable_dir(tmp_path / "a" / "b", "run_dir") == tmp_path / "a" / "b"
     assert not (tmp_path / "a").exists()  # checking creates nothing
+
+
+def test_doctests():
+    import doctest
+
+    import doctune.runs
+
+    assert doctest.testmod(doctune.runs).failed == 0

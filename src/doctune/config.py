@@ -362,8 +362,8 @@ def _describe_error(err: dict[str, Any]) -> str:
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`["generate.total_questions=100"]` → `{"generate.total_questions": 100}` (values parsed as YAML).
 
-    >>> parse_overrides(["curate.mode=off", "data.chunk_tokens=256"])
-    {'curate.mode': 'off', 'data.chunk_tokens': 256}
+    >>> parse_overrides(["curate.mode=yesno", "data.chunk_tokens=256"])
+    {'curate.mode': 'yesno', 'data.chunk_tokens': 256}
     """
     out: dict[str, Any] = {}
     problems = []

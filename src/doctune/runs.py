@@ -30,7 +30,9 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_text(text: str) -> str:
-    """>>> sha256_text("")[:12]
+    """Hex sha256 of the UTF-8 text.
+
+    >>> sha256_text("")[:12]
     'e3b0c44298fc'
     """
     return sha256_bytes(text.encode("utf-8"))
