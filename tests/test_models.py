@@ -132,6 +132,16 @@ def test_a_file_that_is_not_gguf_and_a_folder_of_several_ggufs_are_refused(tmp_p
     one_line(err)
 
 
+def test_a_file_that_only_looks_like_gguf_is_one_line_and_leaves_no_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCTUNE_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not a gguf file at all" * 100)
+    with pytest.raises(InputError) as err:
+        models.load_causal_lm(str(fake))
+    assert one_line(err).startswith(f"{fake}: cannot read this GGUF file (")
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == ["index.json"]
+
+
 def test_a_folder_without_config_or_weights_is_not_a_model(tiny_model_dir, tmp_path):
     only_tokenizer = tmp_path / "only-tokenizer"
     only_tokenizer.mkdir()
@@ -239,7 +249,7 @@ def test_serve_and_chat_with_a_folder_that_is_not_a_model_say_so_in_one_line(tmp
     (tmp_path / "notes" / "a.md").write_text("# notes", encoding="utf-8")
     for command in ("serve", "chat"):
         result = run_doctune(command, "--model", str(tmp_path / "notes"))
-        assert_one_error_line(result, f"{tmp_path / 'notes'}: no tokenizer there")
+        assert_one_error_line(result, f"{tmp_path / 'notes'}: not a model folder (no config.json")
     result = run_doctune("chat", "--model", str(tmp_path / "nothing-here"))
     assert_one_error_line(result, f"{tmp_path / 'nothing-here'}: folder does not exist")
 

@@ -158,6 +158,11 @@ def load_tokenizer(reference: str | Path | ModelRef, *, chat_template: bool = Fa
     ref = resolve(reference)
     folder = ref.folder
     if folder is not None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        if not (folder / CONFIG_FILE).is_file():
+            raise InputError(
+                f"{ref.reference}: not a model folder (no {CONFIG_FILE}, no tokenizer files); give a model folder "
+                "or a .gguf file"
+            )
         raise InputError(
             f"{ref.reference}: no tokenizer there (none of {', '.join(TOKENIZER_FILES)}); give a model folder "
             "that ships its tokenizer"
