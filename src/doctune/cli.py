@@ -534,14 +534,17 @@ def export_command(
     verbose: VerboseOpt = False,
 ) -> None:
     """Export the fine-tuned chatbot as GGUF (llama.cpp, Ollama, LM Studio) with an Ollama Modelfile beside it."""
+    from doctune.finetune.export import TYPES, export
+
+    wanted = [t.strip() for value in types or ["q8_0"] for t in value.split(",") if t.strip()]
+    unknown = [t for t in wanted if t not in TYPES]
+    if unknown:
+        raise typer.BadParameter(f"{unknown[0]!r}: use {', '.join(TYPES)}", param_hint="--type")
     if adapter is None or out is None:
         cfg = _config(config, sets, (), run_dir=run_dir)
         adapter = adapter or cfg.run_path / "adapter"
         out = out or str(cfg.run_path / "export" / "chatbot-{type}.gguf")
     _setup_logging(verbose)
-    from doctune.finetune.export import export
-
-    wanted = [t for value in types or ["q8_0"] for t in value.split(",")]
     _print_summary(export(adapter, out, types=wanted, base=base, progress=RichProgress()))
 
 

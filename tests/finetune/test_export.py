@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -105,6 +106,11 @@ def test_summary_lists_both_files_and_their_modelfiles(exported):
         assert str(exported[kind].with_suffix(".Modelfile")) in outputs
     assert not list(exported[kind].parent.glob(".*")), "no temp file or merged folder is left behind"
     assert exported["q8_0"].stat().st_size < 0.65 * exported["f16"].stat().st_size
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (
+        exported["q8_0"].stat().st_mode & 0o777 == 0o666 & ~umask
+    )  # readable like any file, not mkstemp's 0600
 
 
 def test_f16_loads_in_transformers_with_logits_close_to_the_merged_model(exported, tiny_model_dir):
@@ -308,9 +314,9 @@ def test_export_command_writes_both_types(exported, tmp_path):
     refused = subprocess.run(
         [sys.executable, "-m", "doctune", *args], capture_output=True, text=True, check=False
     )
-    assert refused.returncode == 1
+    assert refused.returncode == 2  # a usage error, reported before any model is loaded
     assert (
-        refused.stderr.strip().splitlines()[-1].endswith("--type q4: unknown GGUF type; use f32, f16, q8_0")
+        refused.stderr.strip().splitlines()[-1] == "Error: Invalid value for --type: 'q4': use f32, f16, q8_0"
     )
     assert "Traceback" not in refused.stderr
 

@@ -23,12 +23,14 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from doctune.errors import DoctuneError, InputError
 from doctune.reporting import NullProgress, Progress, Summary
+from doctune.runs import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ def export(
             bos = written.tokenizer.bos_token if written.adds_bos else None
             default_system = chat.default_system if chat else None
             text = modelfile_text(path.name, chat, written.stop_tokens, system or default_system, bos=bos)
-            _atomic_write(modelfile, text)
+            atomic_write_text(modelfile, text)
             seconds = round(time.perf_counter() - t_type, 1)
             size_mb = round(path.stat().st_size / 1e6, 1)
             summary.add(f"{gguf_type} file", f"{path.name} ({size_mb} MB, {seconds} s)")
@@ -239,22 +241,25 @@ def write_gguf(
 
     progress.start(f"export {gguf_type}", total=len(plan))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        writer.write_header_to_file(path=Path(tmp))
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        if extra is not None:
-            writer.write_tensor_data(extra)
-        for array in _converted_tensors(plan):
-            writer.write_tensor_data(array)
-            progress.advance(1)
-        writer.close()
+        os.fchmod(fd, 0o666 & ~_umask())  # the usual permissions, not mkstemp's 0600
+        os.close(fd)
+        with _quiet("gguf", logging.WARNING):
+            try:
+                writer.write_header_to_file(path=Path(tmp))
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                if extra is not None:
+                    writer.write_tensor_data(extra)
+                for array in _converted_tensors(plan):
+                    writer.write_tensor_data(array)
+                    progress.advance(1)
+            finally:
+                writer.close()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        writer.close()
         Path(tmp).unlink(missing_ok=True)
         raise
     finally:
@@ -474,15 +479,9 @@ def _add_tokenizer(writer: Any, model_dir: Path, tokenizer: Any, vocab_size: int
     writer.add_tokenizer_pre(pre_tokenizer_name(spec.get("pre_tokenizer"), tokenizer_json))
     writer.add_token_list(tokens)
     writer.add_token_types(token_types)
-    vocab_log = logging.getLogger("gguf.vocab")
-    level = vocab_log.level
-    vocab_log.setLevel(
-        logging.ERROR
-    )  # it warns about pair templates (two sequences), which a chat model never uses
-    try:
+    # it warns about pair templates (two sequences), which a chat model never uses
+    with _quiet("gguf.vocab", logging.ERROR):
         special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
-    finally:
-        vocab_log.setLevel(level)
     probe = tokenizer("a").input_ids
     special.add_special_token["bos"] = (
         tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
@@ -711,7 +710,19 @@ def _model_name(out: str | Path) -> str:
     return re.sub(r"[-_.]?\{type\}", "", stem) or "chatbot"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    from doctune.runs import atomic_write_text
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; set it back at once
+    os.umask(mask)
+    return mask
 
-    atomic_write_text(path, text)
+
+@contextmanager
+def _quiet(logger_name: str, level: int) -> Iterator[None]:
+    """Raise a library logger's level for a block (the gguf package logs every step at INFO)."""
+    logger = logging.getLogger(logger_name)
+    previous = logger.level
+    logger.setLevel(max(level, previous))
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
