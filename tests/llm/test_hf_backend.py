@@ -9,7 +9,8 @@ import torch
 from doctune.config import ModelConfig
 from doctune.errors import LLMError
 from doctune.llm.base import LLM, RequestFailed
-from doctune.llm.grammar import GrammarLogitsProcessor, generation_safe_schema
+from doctune.llm.engine import GrammarMasks
+from doctune.llm.grammar import generation_safe_schema
 from doctune.llm.hf_backend import HFBackend
 
 QUESTIONS = [
@@ -62,6 +63,10 @@ def one_at_a_time(llm, conversations, **params):
     return run(go())
 
 
+def llm_model_dir(llm: HFBackend) -> Path:
+    return Path(llm.model_path)
+
+
 def backend(model_dir: Path, batch: int = 8, adapter: Path | None = None) -> HFBackend:
     return HFBackend(ModelConfig(backend="hf", model=str(model_dir), max_concurrency=batch), adapter=adapter)
 
@@ -93,7 +98,9 @@ def test_implements_the_llm_protocol(llm, tiny_model_dir):
 def test_batched_greedy_outputs_equal_one_at_a_time(llm):
     before = dict(llm.stats)
     together = gather(llm, CONVERSATIONS, max_tokens=24)
-    assert llm.stats["batches"] == before["batches"] + 1  # all eight in one generate()
+    assert (
+        llm.stats["batches"] == before["batches"] + 1
+    )  # all eight prefilled together, then decoded together
     alone = one_at_a_time(llm, CONVERSATIONS, max_tokens=24)
     assert [c.text for c in together] == [c.text for c in alone]
     assert len({c.text for c in together}) > 1  # the prompts really differ
@@ -107,7 +114,7 @@ def test_generation_runs_off_the_event_loop(llm):
         loop_ran_while_generating = False
         while not reply.done():
             await asyncio.sleep(0.001)
-            loop_ran_while_generating |= llm._generate_lock.locked()
+            loop_ran_while_generating |= llm.stats.get("steps", 0) > 0 and llm._engine.pending() > 0
         return loop_ran_while_generating, reply.result()
 
     loop_ran, reply = run(go())
@@ -118,19 +125,51 @@ def test_batches_hold_at_most_max_concurrency_rows(tiny_model_dir):
     small = backend(tiny_model_dir, batch=3)
     replies = gather(small, CONVERSATIONS, max_tokens=4)
     assert len(replies) == 8
-    assert small.stats == {"batches": 3, "rows": 8, "largest_batch": 3}
+    assert small.stats["rows"] == 8 and small.stats["largest_batch"] == 3
 
 
-def test_requests_with_different_parameters_are_not_mixed(llm):
+def test_requests_with_different_parameters_share_a_batch_and_keep_their_own(llm):
     async def go():
         short = [llm.chat(m, max_tokens=3) for m in CONVERSATIONS[:4]]
         long = [llm.chat(m, max_tokens=9) for m in CONVERSATIONS[4:]]
         return await asyncio.gather(*short, *long)
 
+    before = dict(llm.stats)
     replies = run(go())
+    assert llm.stats["batches"] == before["batches"] + 1  # one prefill for all eight
     for reply, limit in zip(replies, [3] * 4 + [9] * 4, strict=True):
         assert reply.completion_tokens <= limit
         assert reply.finish_reason == "stop" or reply.completion_tokens == limit
+    alone = one_at_a_time(llm, CONVERSATIONS[:4], max_tokens=3) + one_at_a_time(
+        llm, CONVERSATIONS[4:], max_tokens=9
+    )
+    assert [r.text for r in replies] == [r.text for r in alone]
+
+
+def test_continuous_batching_gives_model_generates_greedy_answers(llm):
+    """Rows refilled as others finish (batch of 3, eight requests of different lengths) write exactly what
+    transformers' own `generate` writes for each prompt alone."""
+    small = backend(llm_model_dir(llm), batch=3)
+    limits = [4, 30, 7, 30, 2, 16, 30, 5]
+
+    async def go():
+        return await asyncio.gather(
+            *(small.chat(m, max_tokens=n) for m, n in zip(CONVERSATIONS, limits, strict=True))
+        )
+
+    replies = run(go())
+    loaded = small._loaded
+    for messages, limit, reply in zip(CONVERSATIONS, limits, replies, strict=True):
+        ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        out = loaded.model.generate(
+            torch.tensor([ids]), max_new_tokens=limit, do_sample=False, eos_token_id=sorted(loaded.eos_ids)
+        )
+        expected = out[0, len(ids) :].tolist()
+        if expected[-1] in loaded.eos_ids:
+            expected = expected[:-1]
+        assert reply.text == loaded.tokenizer.decode(expected, skip_special_tokens=True)
+    assert small.stats["batches"] > 1 and small.stats["largest_batch"] == 3  # newcomers joined running rows
+    run(small.aclose())
 
 
 def test_max_tokens_is_respected_with_finish_reason_length(llm):
@@ -275,7 +314,7 @@ def test_a_failure_inside_generate_fails_the_batch_and_leaves_the_model_usable(
     conversations = CONVERSATIONS[:4]
     expected = gather(tuned, conversations, max_tokens=150, json_schema=schema)
 
-    original = GrammarLogitsProcessor.__call__
+    original = GrammarMasks.__call__
     calls = {"n": 0}
 
     def fails_on_third_step(self, input_ids, scores):
@@ -284,7 +323,7 @@ def test_a_failure_inside_generate_fails_the_batch_and_leaves_the_model_usable(
             raise RuntimeError("injected fault")
         return original(self, input_ids, scores)
 
-    monkeypatch.setattr(GrammarLogitsProcessor, "__call__", fails_on_third_step)
+    monkeypatch.setattr(GrammarMasks, "__call__", fails_on_third_step)
 
     async def go():
         return await asyncio.gather(
@@ -294,7 +333,7 @@ def test_a_failure_inside_generate_fails_the_batch_and_leaves_the_model_usable(
 
     failed = run(go())
     assert all(isinstance(f, RequestFailed) and "injected fault" in f.reason for f in failed)
-    monkeypatch.setattr(GrammarLogitsProcessor, "__call__", original)
+    monkeypatch.setattr(GrammarMasks, "__call__", original)
     again = gather(tuned, conversations, max_tokens=150, json_schema=schema)
     assert [r.text for r in again] == [r.text for r in expected]
     assert all(r.finish_reason == "stop" for r in again)

@@ -177,34 +177,83 @@ def test_cancelling_frees_the_slot_at_once(idle_engine):
     assert ask(idle_engine, "plain", QUESTIONS[2], max_tokens=5)[1].completion_tokens <= 5
 
 
-def test_the_engine_recovers_after_generate_raises(idle_engine, monkeypatch, caplog):
+def test_the_engine_recovers_after_a_forward_pass_raises(idle_engine, monkeypatch, caplog):
+    from transformers.models.llama import modeling_llama
+
+    calls = {"n": 0}
+    original = modeling_llama.LlamaMLP.forward
+
+    def failing_once(self, x):
+        calls["n"] += 1
+        if calls["n"] == 3:  # inside the model, while PEFT's per-row adapter hooks are installed
+            raise RuntimeError("simulated failure inside the model")
+        return original(self, x)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", failing_once)
+    request = idle_engine.prepare(
+        "docs", [{"role": "user", "content": QUESTIONS[0]}], max_tokens=20, temperature=1.0, seed=1
+    )
+    with idle_engine.start_sync(request) as events:
+        collected = list(events)
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", original)
+
+    assert isinstance(collected[-1], Failed)
+    assert (
+        "RuntimeError" in collected[-1].message and "simulated" not in collected[-1].message
+    )  # no details out
+    assert (
+        "stale PEFT adapter hooks" in caplog.text
+    )  # PEFT left its hooks behind, and the engine removed them
+    assert remove_adapter_hooks(idle_engine.loaded.model) == 0
+    expected = ask(idle_engine, "plain", QUESTIONS[1], max_tokens=12)
+    together = ask_together(
+        idle_engine, [("plain", QUESTIONS[1], {"max_tokens": 12}), ("tiny", "x", {"max_tokens": 12})]
+    )
+    assert together[0][0] == expected[0]
+
+
+def test_a_failing_sampler_fails_its_step_and_the_engine_goes_on(idle_engine, monkeypatch):
     calls = {"n": 0}
     original = RowSampler.__call__
 
     def failing_once(self, input_ids, scores):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise RuntimeError("simulated failure inside generate")
+            raise RuntimeError("simulated failure in sampling")
         return original(self, input_ids, scores)
 
     monkeypatch.setattr(RowSampler, "__call__", failing_once)
     request = idle_engine.prepare(
-        "docs", [{"role": "user", "content": QUESTIONS[0]}], max_tokens=20, temperature=1.0, seed=1
+        "tiny", [{"role": "user", "content": QUESTIONS[0]}], max_tokens=20, temperature=1.0, seed=1
     )
     with idle_engine.start_sync(request) as events:
         collected = list(events)
     monkeypatch.setattr(RowSampler, "__call__", original)
 
     assert isinstance(collected[-1], Failed)
-    assert (
-        "stale PEFT adapter hooks" in caplog.text
-    )  # PEFT left its hooks behind, and the engine removed them
-    assert remove_adapter_hooks(idle_engine.loaded.model) == 0  # the engine already removed PEFT's leftovers
-    expected = ask(idle_engine, "plain", QUESTIONS[1], max_tokens=12)
-    together = ask_together(
-        idle_engine, [("plain", QUESTIONS[1], {"max_tokens": 12}), ("tiny", "x", {"max_tokens": 12})]
-    )
-    assert together[0][0] == expected[0]
+    assert ask(idle_engine, "tiny", QUESTIONS[0], max_tokens=5)[1].completion_tokens <= 5
+
+
+def test_a_request_joins_the_running_batch_and_keeps_its_solo_answer(idle_engine):
+    """Continuous batching: a newcomer is prefilled and joins rows that are mid-answer; nobody's text changes."""
+    long_params = {"max_tokens": 120, "json_schema": LONG_ANSWER_FORMAT["json_schema"]["schema"]}
+    long_solo = ask(idle_engine, "tiny", QUESTIONS[0], **long_params)
+    short_solo = [ask(idle_engine, "docs", q, max_tokens=10) for q in QUESTIONS[1:4]]
+    long_request = idle_engine.prepare("tiny", [{"role": "user", "content": QUESTIONS[0]}], **long_params)
+    largest_before = idle_engine.stats["largest_batch"]
+    idle_engine.stats["largest_batch"] = 0
+    with idle_engine.start_sync(long_request) as long_events:
+        while len(long_events.seq.generated) < 5:
+            time.sleep(0.002)
+        shorts = [ask(idle_engine, "docs", q, max_tokens=10) for q in QUESTIONS[1:4]]
+        running_when_short_ended = not long_events.seq.finished
+        long_text = "".join(e.text for e in long_events if isinstance(e, Delta))
+    joined = idle_engine.stats["largest_batch"]
+    idle_engine.stats["largest_batch"] = max(largest_before, joined)
+
+    assert long_text == long_solo[0] and long_solo[1].completion_tokens == 120
+    assert [text for text, _ in shorts] == [text for text, _ in short_solo]
+    assert running_when_short_ended and joined == 2  # each short one ran beside the long one
 
 
 def test_bad_requests_are_rejected_before_queueing(idle_engine):

@@ -6,20 +6,25 @@ await llm.preflight()                     # loads now; LLMError (one line) if th
 replies = await asyncio.gather(*(llm.chat(m, max_tokens=256) for m in conversations))
 ```
 
-Concurrent `chat()` calls are gathered into batches: requests with the same max_tokens, temperature, schema and
-stop strings share one left-padded `generate()` of up to `max_concurrency` rows, run in a worker thread so the
-event loop stays free; requests that arrive while a batch runs form the next one. Greedy when temperature is 0.
-JSON schemas are enforced with xgrammar (llm/grammar.py).
+Concurrent `chat()` calls share the model through llm/engine.py's continuous batching (the same engine as
+`doctune serve`): up to `max_concurrency` requests decode together, one token each per forward pass, in a worker
+thread so the event loop stays free; a request that finishes frees its slot for a waiting one at the next step.
+max_tokens, temperature, stop strings and JSON schema are per request, so any requests share a batch. Greedy when
+temperature is 0; a sampled request draws from its own generator, seeded from its prompt and parameters, so the
+same request gives the same reply on every run whatever else runs beside it. JSON schemas are enforced with
+xgrammar (llm/grammar.py).
 
 Model, tokenizer and adapter are loaded through doctune.models (a folder, a .gguf file or a hub name; device
-and dtype resolved there; any failure one LLMError line). The adapter is always active, so `generate()` never gets
-`adapter_names`: PEFT's per-call forward hooks (which PEFT issue #3475 leaves behind when a call raises) are
-never installed, and a failed batch leaves the model as it was.
+and dtype resolved there; any failure one LLMError line). The adapter is always active, so the engine never
+passes `adapter_names`: PEFT's per-call forward hooks (which PEFT issue #3475 leaves behind when a call raises)
+are never installed, and a failed step leaves the model as it was.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
 import threading
@@ -57,6 +62,88 @@ def backend_name(model_path: str, adapter: Path | None) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class _Params:
+    max_tokens: int
+    temperature: float
+    top_p: float = 1.0
+
+
+@dataclass(eq=False)
+class _Row:
+    """One chat() request inside the engine (llm/engine.py's Row): it collects tokens, stops on an end-of-turn
+    token, a stop string or max_tokens, and then hands its Completion (or error) to `done` (worker thread)."""
+
+    prompt_ids: list[int]
+    params: _Params
+    stop: tuple[str, ...]
+    loaded: _Loaded
+    done: Any  # Callable[[Completion | Exception], None]
+    adapter: str = "__base__"
+    matcher: Any = None
+    grammar_tail: bytes = b""
+    generator: Any = None
+    cancelled: bool = False
+    finish_reason: str | None = None
+    generated: list[int] = field(default_factory=list)
+    _window: int = 0  # tokens to decode when looking for a stop string
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token: int) -> None:
+        if self.finished:
+            return
+        if self.cancelled:
+            self.finish_reason = "cancelled"
+            return
+        self.generated.append(token)
+        if token in self.loaded.eos_ids:
+            self._finish("stop")
+            return
+        if self.matcher is not None:
+            if not self.matcher.accept_token(token):
+                self.fail(f"token {token} broke the json_schema grammar")
+                return
+            token_bytes = self.loaded.grammars().guard.token_bytes
+            if token < len(token_bytes):
+                self.grammar_tail = (self.grammar_tail + token_bytes[token])[-4:]
+        if self.stop and self._stop_in_tail():
+            self._finish("stop")
+        elif len(self.generated) >= self.params.max_tokens:
+            self._finish("length")
+
+    def fail(self, message: str) -> None:
+        if self.finished:
+            return
+        self.finish_reason = "error"
+        self.done(RequestFailed(message))
+
+    def _stop_in_tail(self) -> bool:
+        if not self._window:
+            self._window = 2 * max(len(s) for s in self.stop) + 8
+        tail = self.loaded.decode(self.generated[-self._window :])
+        return any(s in tail for s in self.stop)
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        tokens = self.generated
+        kept = tokens[:-1] if reason == "stop" and tokens and tokens[-1] in self.loaded.eos_ids else tokens
+        text = self.loaded.decode(kept)
+        cuts = [text.find(s) for s in self.stop if s in text]
+        if cuts:
+            text, reason = text[: min(cuts)], "stop"
+        self.done(
+            Completion(
+                text=text,
+                prompt_tokens=len(self.prompt_ids),
+                completion_tokens=len(tokens),
+                finish_reason=reason,
+            )
+        )
+
+
 @dataclass
 class _Request:
     messages: list[dict[str, Any]]
@@ -65,11 +152,7 @@ class _Request:
     json_schema: dict[str, Any] | None
     stop: tuple[str, ...]
     future: asyncio.Future[Completion]
-    batch_key: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        params = [self.max_tokens, self.temperature, self.json_schema, self.stop]
-        self.batch_key = json.dumps(params)
+    row: _Row | None = None
 
 
 @dataclass
@@ -83,17 +166,27 @@ class _Loaded:
     pad_id: int
     max_positions: int | None
     _grammars: Any = None
+    # The fast tokenizer is not safe to share between threads ("Already borrowed"): requests are rendered in
+    # worker threads while the engine decodes in its own.
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+    _grammars_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def grammars(self) -> Any:
-        if self._grammars is None:
-            from doctune.llm.grammar import SchemaGrammars
+        with self._grammars_lock:
+            if self._grammars is None:
+                from doctune.llm.grammar import SchemaGrammars
 
-            self._grammars = SchemaGrammars(
-                self.tokenizer,
-                vocab_size=self.model.config.get_text_config().vocab_size,
-                stop_token_ids=sorted(self.eos_ids),
-            )
-        return self._grammars
+                with self.tokenizer_lock:
+                    self._grammars = SchemaGrammars(
+                        self.tokenizer,
+                        vocab_size=self.model.config.get_text_config().vocab_size,
+                        stop_token_ids=sorted(self.eos_ids),
+                    )
+            return self._grammars
+
+    def decode(self, tokens: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 class HFBackend:
@@ -106,10 +199,13 @@ class HFBackend:
         self.adapter = Path(adapter).expanduser() if adapter else None
         self.name = backend_name(self.model_path, self.adapter)
         self.max_batch = cfg.max_concurrency
-        self.stats = {"batches": 0, "rows": 0, "largest_batch": 0}
+        # batches: prefills (requests admitted together); steps: decode forward passes; rows: requests run
+        self.stats = dict.fromkeys(
+            ("batches", "steps", "rows", "largest_batch", "failed_batches", "cancelled"), 0
+        )
         self._loaded: _Loaded | None = None
+        self._engine: Any = None  # llm/engine.py's BatchEngine, started with the model
         self._load_lock = threading.Lock()
-        self._generate_lock = threading.Lock()
         self._pending: list[_Request] = []
         self._dispatcher: asyncio.Task[None] | None = None
 
@@ -123,7 +219,8 @@ class HFBackend:
         loaded = self._loaded
         if loaded is None:
             raise LLMError(f"{self.name}: the model was closed (aclose) before its tokens could be counted")
-        return len(loaded.tokenizer.encode(text, add_special_tokens=False))
+        with loaded.tokenizer_lock:
+            return len(loaded.tokenizer.encode(text, add_special_tokens=False))
 
     async def chat(
         self,
@@ -137,66 +234,50 @@ class HFBackend:
         if max_tokens < 1:
             raise RequestFailed(f"max_tokens must be at least 1, got {max_tokens}")
         loop = asyncio.get_running_loop()
-        request = _Request(
-            messages, max_tokens, float(temperature), json_schema, tuple(stop or ()), loop.create_future()
-        )
+        stops = tuple(s for s in stop or () if s)
+        request = _Request(messages, max_tokens, float(temperature), json_schema, stops, loop.create_future())
         self._pending.append(request)
         if self._dispatcher is None or self._dispatcher.done() or self._dispatcher.get_loop() is not loop:
             self._dispatcher = loop.create_task(self._dispatch())
-        return await request.future
+        try:
+            return await request.future
+        except asyncio.CancelledError:  # the caller gave up: free its slot
+            if request.row is not None and self._engine is not None:
+                self._engine.cancel(request.row)
+            raise
 
     async def aclose(self) -> None:
-        """Cancel what is still queued and free the model's memory."""
+        """Cancel what is still queued or running and free the model's memory."""
         for request in self._pending:
             request.future.cancel()
         self._pending.clear()
         with self._load_lock:
             loaded, self._loaded = self._loaded, None
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            await asyncio.to_thread(engine.close)
         if loaded is not None and loaded.device.startswith("cuda"):
             import torch
 
             del loaded
             torch.cuda.empty_cache()
 
-    # -- batching (event loop side) ---------------------------------------------------------------------------
+    # -- requests into the engine (event loop side) -------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        """Run batches while requests are queued; exits when the queue is empty (chat() starts a new one)."""
+        """Hand queued requests to the engine; exits when the queue is empty (chat() starts a new one)."""
         while self._pending:
-            await asyncio.sleep(0)  # callers started in the same tick join this batch
+            await asyncio.sleep(0)  # callers started in the same tick go in together
             if self._loaded is None:
                 try:
                     await asyncio.to_thread(self._load)
                 except Exception as exc:  # every waiting caller gets the error, none waits forever
                     self._fail_pending(exc if isinstance(exc, LLMError) else LLMError(f"{self.name}: {exc}"))
                     return
-            batch = self._take_batch()
-            if not batch:
-                continue
-            try:
-                results = await asyncio.to_thread(self._run_batch, batch)
-            except Exception as exc:  # a bug here must not leave callers waiting forever
-                log.exception("hf backend: batch of %d failed", len(batch))
-                results = [RequestFailed(f"generation failed: {type(exc).__name__}: {exc}")] * len(batch)
-            for request, result in zip(batch, results, strict=True):
-                if request.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    request.future.set_exception(result)
-                else:
-                    request.future.set_result(result)
-
-    def _take_batch(self) -> list[_Request]:
-        """The oldest waiting request and up to max_concurrency - 1 others with the same parameters."""
-        live = [r for r in self._pending if not r.future.done()]
-        if not live:
-            self._pending.clear()
-            return []
-        key = live[0].batch_key
-        batch = [r for r in live if r.batch_key == key][: self.max_batch]
-        taken = {id(r) for r in batch}
-        self._pending = [r for r in live if id(r) not in taken]
-        return batch
+            taken = [r for r in self._pending if not r.future.done()]
+            self._pending = []
+            if taken:
+                await asyncio.to_thread(self._submit, taken, asyncio.get_running_loop())
 
     def _fail_pending(self, exc: Exception) -> None:
         for request in self._pending:
@@ -204,82 +285,101 @@ class HFBackend:
                 request.future.set_exception(exc)
         self._pending.clear()
 
+    def _submit(self, requests: list[_Request], loop: asyncio.AbstractEventLoop) -> None:
+        """Render each request (in a thread: templates and schemas take a while) and queue them all at once."""
+        from doctune.llm.engine import EngineBusy
+
+        loaded, engine = self._loaded, self._engine
+        rows = []
+        for request in requests:
+            resolve = functools.partial(_resolve_threadsafe, loop, request.future)
+            if loaded is None or engine is None:
+                resolve(LLMError(f"{self.name}: the model was closed (aclose) before this request ran"))
+                continue
+            try:
+                request.row = make_row(loaded, request, resolve)
+            except RequestFailed as exc:
+                resolve(exc)
+                continue
+            rows.append(request.row)
+        if not rows:
+            return
+        try:
+            engine.submit(rows)
+        except EngineBusy as exc:
+            for row in rows:
+                row.fail(f"{self.name}: {exc}")
+
     # -- model (worker thread side) ---------------------------------------------------------------------------
 
     def _load(self) -> None:
         with self._load_lock:
             if self._loaded is None:
-                self._loaded = load_model(self.model_path, self.adapter, self.cfg)
-
-    def _run_batch(self, batch: list[_Request]) -> list[Completion | Exception]:
-        with self._generate_lock:
-            loaded = self._loaded
-            if loaded is None:
-                return [
-                    LLMError(f"{self.name}: the model was closed (aclose) before this request ran")
-                ] * len(batch)
-            return generate_batch(loaded, batch, self.stats)
+                loaded = load_model(self.model_path, self.adapter, self.cfg)
+                self._engine = start_engine(loaded, self.max_batch, self.stats)
+                self._loaded = loaded
 
 
-def generate_batch(
-    loaded: _Loaded, batch: list[_Request], stats: dict[str, int]
-) -> list[Completion | Exception]:
-    """One left-padded `generate()` for requests that share their parameters; a result or error per request."""
+def _resolve_threadsafe(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any) -> None:
+    """Set `future` to `result` (a value or an exception) from any thread, unless it is already done."""
+
+    def resolve() -> None:
+        if future.done():
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting any more
+        loop.call_soon_threadsafe(resolve)
+
+
+def start_engine(loaded: _Loaded, max_batch: int, stats: dict[str, int]) -> Any:
+    """The continuous-batching engine (llm/engine.py) over a loaded model."""
+    from doctune.llm.engine import BatchEngine
+
+    return BatchEngine(
+        loaded.model,
+        pad_id=loaded.pad_id,
+        vocab_size=loaded.model.config.get_text_config().vocab_size,
+        guard=_GuardOf(loaded),
+        max_batch=max_batch,
+        stats=stats,
+        closing_message="the model was closed (aclose) before this request finished",
+    )
+
+
+class _GuardOf:
+    """The loaded model's TokenGuard, built when a constrained row first needs it."""
+
+    def __init__(self, loaded: _Loaded):
+        self._loaded = loaded
+
+    def mask(self, scores: Any, row: int, tail: bytes) -> None:
+        self._loaded.grammars().guard.mask(scores, row, tail)
+
+
+def make_row(loaded: _Loaded, request: _Request, done: Any) -> _Row:
+    """The engine row of one request: prompt ids, grammar matcher, seeded generator. RequestFailed when the
+    template cannot render the messages or the schema cannot be compiled."""
     import torch
 
-    results: list[Completion | Exception | None] = [None] * len(batch)
-    prompts: dict[int, list[int]] = {}
-    for i, request in enumerate(batch):
-        try:
-            prompts[i] = prompt_ids(loaded, request.messages)
-        except RequestFailed as exc:
-            results[i] = exc
-    if not prompts:
-        return [r for r in results if r is not None]
-    first = batch[0]
-    rows = list(prompts)
+    ids = prompt_ids(loaded, request.messages)
+    row = _Row(ids, _Params(request.max_tokens, request.temperature), request.stop, loaded, done)
+    if request.json_schema is not None:
+        import xgrammar as xgr
 
-    kwargs: dict[str, Any] = {"max_new_tokens": first.max_tokens, "pad_token_id": loaded.pad_id}
-    kwargs["eos_token_id"] = sorted(loaded.eos_ids)
-    if first.temperature > 0:
-        kwargs.update(do_sample=True, temperature=first.temperature, top_p=1.0, top_k=0)
-    else:
-        kwargs.update(do_sample=False)
-    if first.stop:
-        kwargs.update(stop_strings=list(first.stop), tokenizer=loaded.tokenizer)
-    if first.json_schema is not None:
         try:
-            kwargs["logits_processor"] = [loaded.grammars().processor(first.json_schema, len(rows))]
+            compiled = loaded.grammars().compile(request.json_schema)
         except Exception as exc:  # xgrammar raises several types for schemas it cannot compile
-            failure = RequestFailed(f"json_schema cannot be compiled: {_one_line(exc)}")
-            return [failure if r is None else r for r in results]
-
-    input_ids, attention_mask = left_pad([prompts[i] for i in rows], loaded.pad_id, loaded.device)
-    # Sampling is seeded from the batch's prompts: the same requests give the same replies on every run.
-    seed = int(sha256_text(repr(input_ids.tolist()))[:8], 16)
-    started = time.perf_counter()
-    try:
-        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            output = loaded.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    except Exception as exc:  # reported per request; the model has no per-call state left (module docstring)
-        log.warning("hf backend: generate() failed for a batch of %d: %s", len(rows), _one_line(exc))
-        failure = RequestFailed(f"generation failed: {type(exc).__name__}: {_one_line(exc)}")
-        return [failure if r is None else r for r in results]
-    new_tokens = output[:, input_ids.shape[1] :].tolist()
-
-    for row, i in enumerate(rows):
-        results[i] = decode_completion(loaded, new_tokens[row], batch[i].stop, len(prompts[i]))
-    stats["batches"] += 1
-    stats["rows"] += len(rows)
-    stats["largest_batch"] = max(stats["largest_batch"], len(rows))
-    log.debug(
-        "hf backend: batch of %d x %d new tokens in %.2fs",
-        len(rows),
-        len(new_tokens[0]),
-        time.perf_counter() - started,
-    )
-    return [r for r in results if r is not None]
+            raise RequestFailed(f"json_schema cannot be compiled: {_one_line(exc)}") from None
+        row.matcher = xgr.GrammarMatcher(compiled)
+    if request.temperature > 0:
+        # Seeded from the request itself: the same request samples the same reply on every run.
+        key = json.dumps([ids, request.max_tokens, request.temperature, request.json_schema, request.stop])
+        row.generator = torch.Generator(device=loaded.device).manual_seed(int(sha256_text(key)[:15], 16))
+    return row
 
 
 def prompt_ids(loaded: _Loaded, messages: list[dict[str, Any]]) -> list[int]:
@@ -287,9 +387,10 @@ def prompt_ids(loaded: _Loaded, messages: list[dict[str, Any]]) -> list[int]:
     from jinja2 import TemplateError
 
     try:
-        ids = loaded.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
+        with loaded.tokenizer_lock:
+            ids = loaded.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
     except (TemplateError, ValueError, TypeError, KeyError) as exc:
         raise RequestFailed(f"the chat template cannot render these messages: {_one_line(exc)}") from exc
     if loaded.max_positions is not None and len(ids) >= loaded.max_positions:
@@ -297,36 +398,6 @@ def prompt_ids(loaded: _Loaded, messages: list[dict[str, Any]]) -> list[int]:
             f"the prompt has {len(ids)} tokens; the model reads at most {loaded.max_positions}: shorten it"
         )
     return list(ids)
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device: str) -> tuple[Any, Any]:
-    """`(input_ids, attention_mask)` with every row padded on the left to the longest."""
-    import torch
-
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
-def decode_completion(loaded: _Loaded, tokens: list[int], stop: tuple[str, ...], n_prompt: int) -> Completion:
-    """Text up to the first end-of-turn token or stop string (neither included); "length" if neither came."""
-    end = next((j for j, t in enumerate(tokens) if t in loaded.eos_ids), None)
-    if end is not None:
-        kept, n_completion, finish = tokens[:end], end + 1, "stop"
-    else:
-        kept = tokens
-        while kept and kept[-1] == loaded.pad_id:  # a row stopped by a stop string is padded after it
-            kept = kept[:-1]
-        n_completion, finish = len(kept), "length"
-    text = loaded.tokenizer.decode(kept, skip_special_tokens=True)
-    cuts = [text.find(s) for s in stop if s and s in text]
-    if cuts:
-        text, finish = text[: min(cuts)], "stop"
-    return Completion(text=text, prompt_tokens=n_prompt, completion_tokens=n_completion, finish_reason=finish)
 
 
 # -- loading ---------------------------------------------------------------------------------------------------

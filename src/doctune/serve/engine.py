@@ -1,4 +1,5 @@
-"""Batched generation over one base model and its LoRA adapters, for the server and the terminal chat.
+"""Generation for the server and the terminal chat: one base model and its LoRA adapters on llm/engine.py's
+continuous-batching engine (the same engine as the in-process `hf` backend).
 
 ```python
 engine = Engine.load("models/tiny", {"docs": "runs/x/adapter"})
@@ -8,19 +9,14 @@ async with engine.start(request) as events:            # or `with engine.start_s
 engine.close()
 ```
 
-How requests share the model:
-- One worker thread owns the model. Requests wait in one FIFO queue; the worker takes up to `max_batch` of them
-  into one `model.generate` call, so one forward pass serves all of them. Base and adapter rows mix in a batch
-  (PEFT's `adapter_names`), and so do rows with and without a JSON schema.
-- Sampling parameters are per row, not per batch: `generate` runs greedy and `RowSampler` draws each sampled
-  row's token from its own temperature, top_p and seeded generator. `max_tokens` and `stop` are per row too
-  (`BatchStopper`). So no request waits for a batch of "compatible" ones.
-- Fairness: when requests are waiting and the batch has room, the running call ends after `join_after`
-  tokens; its unfinished rows go on in the next call (prompt + text so far read again) together with the
-  newcomers. A new request therefore waits at most `join_after` decoding steps for a free slot, never for an
-  unrelated long batch; beyond `max_batch`, requests are served first come, first served.
-- A cancelled request (client gone) leaves the queue at once, or stops its row at the next step; a batch whose
-  rows are all done ends.
+How requests share the model (llm/engine.py has the details):
+- One worker thread owns the model and decodes every running request one token per step in one forward pass.
+  Base and adapter rows mix in a batch (PEFT's `adapter_names`), and so do rows with and without a JSON schema.
+- Sampling parameters, `max_tokens` and `stop` are per row, so no request waits for "compatible" ones.
+- Continuous batching: a finished row leaves the batch at once and a waiting request takes its slot at the next
+  step (its prompt is prefilled and its cache joins the running one). Beyond `max_batch`, requests are served
+  first come, first served.
+- A cancelled request (client gone) leaves the queue at once, or stops its row at the next step.
 """
 
 from __future__ import annotations
@@ -31,17 +27,14 @@ import logging
 import queue
 import random
 import threading
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
+from doctune.llm.engine import BatchEngine, EngineBusy, remove_adapter_hooks
 from doctune.serve.models import Grammars, LoadedModels, ServedModel, load_models, render_prompt
-from doctune.serve.processors import BatchStopper, GrammarMasks, RowSampler
 from doctune.serve.requests import (
     Delta,
     Event,
@@ -72,33 +65,30 @@ class Engine:
         *,
         max_batch: int = 32,
         max_tokens_cap: int = 2048,
-        join_after: int = 16,
         max_waiting: int = 1024,
         gather_s: float = 0.005,
     ):
         self.loaded = loaded
         self.max_batch = max_batch
         self.max_tokens_cap = max_tokens_cap
-        self.join_after = join_after
-        self.max_waiting = max_waiting
-        self.gather_s = gather_s
         vocab_size = int(loaded.model.config.vocab_size)
         self.grammars = Grammars(loaded.tokenizer, vocab_size, loaded.eos_ids)
-        self.stats = {"batches": 0, "rows": 0, "largest_batch": 0, "failed_batches": 0, "cancelled": 0}
-        self._vocab_size = vocab_size
-        self._generation_options = {
-            "do_sample": False,
-            "eos_token_id": sorted(loaded.eos_ids),
-            "pad_token_id": loaded.tokenizer.pad_token_id,
-            "bos_token_id": loaded.tokenizer.bos_token_id,
-        }
         self._tokenizer_lock = threading.Lock()
-        self._running: list[Sequence] = []
-        self._waiting: deque[Sequence] = deque()
-        self._cv = threading.Condition()
-        self._closing = False
-        self._thread = threading.Thread(target=self._work, name="doctune-engine", daemon=True)
-        self._thread.start()
+        self._core = BatchEngine(
+            loaded.model,
+            pad_id=loaded.tokenizer.pad_token_id,
+            vocab_size=vocab_size,
+            guard=_LazyGuard(self.grammars),
+            uses_peft=loaded.uses_peft,
+            max_batch=max_batch,
+            max_waiting=max_waiting,
+            gather_s=gather_s,
+            failure_message=lambda exc: (
+                f"generation failed ({type(exc).__name__}); the server log has the details"
+            ),
+            closing_message="the server is shutting down",
+        )
+        self.stats = self._core.stats
 
     @classmethod
     def load(
@@ -188,21 +178,15 @@ class Engine:
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
             seq.generator = torch.Generator(device=self.loaded.device).manual_seed(seed)
-        with self._cv:
-            if self._closing:
-                raise ServerBusy("the server is shutting down; send the request again later")
-            if len(self._waiting) >= self.max_waiting:
-                raise ServerBusy(f"{len(self._waiting)} requests are already waiting; try again shortly")
-            self._waiting.append(seq)
-            self._cv.notify()
+        try:
+            self._core.submit([seq])
+        except EngineBusy as exc:
+            raise ServerBusy(str(exc)) from None
         return seq
 
     def cancel(self, seq: Sequence) -> None:
         """Stop a request: it leaves the queue, or its row stops at the next step. Nothing more is sent."""
-        seq.cancelled = True
-        with self._cv:
-            if seq in self._waiting:
-                self._waiting.remove(seq)
+        self._core.cancel(seq)
 
     def start(self, request: PreparedRequest) -> AsyncEvents:
         """Queue a request and get its events in asyncio (call from the event loop)."""
@@ -214,131 +198,21 @@ class Engine:
 
     def pending(self) -> int:
         """Requests not finished yet: waiting, or in the batch being generated."""
-        return len(self._waiting) + sum(not seq.finished for seq in list(self._running))
+        return self._core.pending()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the worker: requests still waiting get Failed, the running batch stops at its next step."""
-        with self._cv:
-            self._closing = True
-            left = list(self._waiting)
-            self._waiting.clear()
-            self._cv.notify_all()
-        for seq in left:
-            seq.fail("the server is shutting down")
-        for seq in list(self._running):
-            seq.cancelled = True
-        self._thread.join(timeout)
-
-    # ------------------------------------------------------------------ the worker
-
-    def _work(self) -> None:
-        active: list[Sequence] = []
-        while True:
-            batch = self._next_batch(active)
-            if batch is None:
-                for seq in active:
-                    seq.fail("the server is shutting down")
-                return
-            if batch:
-                self._generate(batch)
-            active = [seq for seq in batch if not seq.finished]
-            self.stats["cancelled"] += sum(seq.finish_reason == "cancelled" for seq in batch)
-            self._running = active
-
-    def _next_batch(self, active: list[Sequence]) -> list[Sequence] | None:
-        """The rows of the next call: unfinished rows first, then waiting requests in arrival order."""
-        with self._cv:
-            if not active:
-                while not self._waiting and not self._closing:
-                    self._cv.wait()
-                deadline = time.monotonic() + self.gather_s
-                while len(self._waiting) < self.max_batch and not self._closing:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cv.wait(left)
-            if self._closing:
-                return None
-            for seq in active:
-                if seq.cancelled:
-                    seq.finish_reason = "cancelled"
-            batch = [seq for seq in active if not seq.finished]
-            while self._waiting and len(batch) < self.max_batch:
-                seq = self._waiting.popleft()
-                if not seq.cancelled:
-                    batch.append(seq)
-            return batch
-
-    def _should_yield(self, unfinished: int) -> bool:
-        return unfinished < self.max_batch and len(self._waiting) > 0
-
-    def _generate(self, rows: list[Sequence]) -> None:
-        tokenizer = self.loaded.tokenizer
-        device = self.loaded.device
-        inputs = [row.input_ids() for row in rows]
-        width = max(len(ids) for ids in inputs)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in inputs], device=device)
-        attention_mask = torch.tensor(
-            [[0] * (width - len(ids)) + [1] * len(ids) for ids in inputs], device=device
-        )
-        self._running = rows
-        before = [len(row.generated) for row in rows]
-        stopper = BatchStopper(rows, self._should_yield, self.join_after)
-        processors = LogitsProcessorList()
-        if any(row.matcher is not None for row in rows):
-            processors.append(GrammarMasks(rows, self._vocab_size, self.grammars.guard))
-        if any(row.params.temperature > 0 for row in rows):
-            processors.append(RowSampler(rows))
-        extra: dict[str, Any] = {}
-        if self.loaded.uses_peft:
-            # PEFT issue #3475: a wrong-length adapter_names (or any error) inside generate leaves hooks behind.
-            extra["adapter_names"] = [row.adapter for row in rows]
-            assert len(extra["adapter_names"]) == input_ids.shape[0]
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(rows)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
-        try:
-            with torch.inference_mode():
-                self.loaded.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    generation_config=GenerationConfig(
-                        **self._generation_options,
-                        max_new_tokens=max(row.params.max_tokens - len(row.generated) for row in rows),
-                    ),
-                    logits_processor=processors,
-                    stopping_criteria=StoppingCriteriaList([stopper]),
-                    **extra,
-                )
-        except Exception as exc:  # every row is told, the model is made usable again, the server goes on
-            log.exception("generation failed for a batch of %d request(s)", len(rows))
-            self.stats["failed_batches"] += 1
-            if self.loaded.uses_peft:
-                remove_adapter_hooks(self.loaded.model)
-            for row in rows:
-                row.fail(f"generation failed ({type(exc).__name__}); the server log has the details")
-            return
-        if not stopper.yielded:
-            for row, n in zip(rows, before, strict=True):
-                if not row.finished and len(row.generated) == n:
-                    row.fail("generation made no progress")
+        """Stop the worker: requests still waiting or running get Failed."""
+        self._core.close(timeout)
 
 
-def remove_adapter_hooks(model: Any) -> int:
-    """Remove the `adapter_names` hooks that PEFT leaves on the model when generate raises (PEFT #3475)."""
-    from peft.tuners.lora.model import _adapter_names_pre_forward_hook
+class _LazyGuard:
+    """The TokenGuard, built only when a row first needs it (building it costs a pass over the vocabulary)."""
 
-    removed = 0
-    for module in model.modules():
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if isinstance(hook, functools.partial) and hook.func is _adapter_names_pre_forward_hook:
-                del module._forward_pre_hooks[key]
-                module._forward_pre_hooks_with_kwargs.pop(key, None)
-                removed += 1
-    if removed:
-        log.warning("removed %d stale PEFT adapter hooks after a failed batch", removed)
-    return removed
+    def __init__(self, grammars: Grammars):
+        self._grammars = grammars
+
+    def mask(self, scores: torch.Tensor, row: int, tail: bytes) -> None:
+        self._grammars.guard.mask(scores, row, tail)
 
 
 class AsyncEvents:
