@@ -184,6 +184,9 @@ def test_finetune_output_dir_that_is_the_config_or_inside_the_documents_is_refus
     _one_line_error(doctune("finetune", "--output-dir", "data", cwd=tmp_path), "documents folder")
     _one_line_error(doctune("finetune", "--output-dir", "data/adapter", cwd=tmp_path), "documents folder")
     assert (tmp_path / "doctune.yaml").read_text() == config and not any((tmp_path / "data").iterdir())
+    # documents in the project folder itself, the run dir inside it (ingest skips it): the adapter may go there
+    inside = doctune("finetune", "--set", "data.dir=.", cwd=tmp_path)
+    assert "documents folder" not in inside.stderr and inside.returncode == 3, inside.stderr  # then: no model
 
 
 @pytest.mark.slow

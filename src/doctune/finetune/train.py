@@ -470,7 +470,8 @@ def run(
         out,
         "--output-dir",
         keep=[cfg.base_dir, *([from_adapter] if from_adapter else [])],
-        not_inside=[cfg.path(cfg.data.dir)],
+        # ingest skips the run dir, also inside the data folder; anywhere else there, it would read the adapter
+        not_inside=[] if cfg.run_path.resolve() in out.resolve().parents else [cfg.path(cfg.data.dir)],
         ours=[INFO_FILE, CHECKPOINTS_DIR],
     )
     from transformers import PrinterCallback, set_seed
