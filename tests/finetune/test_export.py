@@ -292,6 +292,88 @@ def test_llama3_rope_scaling_is_written_as_llama_cpp_reads_it(tiny_model_dir, tm
     assert np.abs(plain - scaled).max() > 2e-3  # the scaling matters at these positions: the check can fail
 
 
+def byte_level_pre_tokenizers() -> dict:
+    """The three byte-level pre-tokenizers export names for llama.cpp, as tokenizer.json spells them."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from doctune.finetune.export import _LLAMA3_SPLIT
+
+    return {
+        "gpt-2": pre_tokenizers.ByteLevel(add_prefix_space=False),
+        "smollm": pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        ),
+        "llama-bpe": pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        ),
+    }
+
+
+@pytest.mark.parametrize("pre_name", ["gpt-2", "smollm", "llama-bpe"])
+def test_llama_cpp_splits_text_as_the_tokenizer_does(pre_name, tiny_model_dir, tmp_path):
+    """A BPE trained behind each pre-tokenizer: llama.cpp, told its name, cuts every probe text into the same ids
+    (digits one by one for SmolLM, in threes for Llama 3, runs for GPT-2)."""
+    import gguf
+    import llama_cpp
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from doctune.tinymodel import BOS, CHAT_TEMPLATE, EOT, PAD, SPECIAL_TOKENS, read_corpus
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = byte_level_pre_tokenizers()[pre_name]
+    bpe.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
+    )
+    bpe.train_from_iterator(read_corpus(None) + ["12345 678 2026 1000000"] * 20, trainer=trainer)
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=BOS, eos_token=EOT, pad_token=PAD, chat_template=CHAT_TEMPLATE
+    )
+    tokenizer.save_pretrained(model_dir)
+    export(model_dir, tmp_path / "m.gguf", types=["f16"])
+
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["tokenizer.ggml.pre"].contents() == pre_name
+    texts = [
+        *TEXTS,
+        "Order 12345 parts in 2026, not 1000000.",
+        "I'm sure they'll do what we've said",
+        "a\n\n  b\r\n",
+    ]
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=256, verbose=False, n_threads=1, vocab_only=True)
+    try:
+        for text in texts:
+            assert (
+                llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == tokenizer(text).input_ids
+            )
+    finally:
+        llm.close()
+
+
+def test_a_tokenizer_llama_cpp_cannot_split_alike_is_refused(tiny_model_dir, tmp_path):
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.save_pretrained(model_dir)
+    with pytest.raises(
+        InputError, match=r"pre-tokenizer \['Whitespace', 'ByteLevel'\] is not one llama.cpp names"
+    ):
+        export(model_dir, tmp_path / "m.gguf", types=["f16"])
+    assert not list(tmp_path.glob("*.gguf"))
+
+
 def test_export_command_writes_both_types(exported, tmp_path):
     from typer.testing import CliRunner
 
