@@ -162,6 +162,7 @@ def test_tokenizer_and_chat_template_round_trip(exported):
 
 def test_llama_cpp_reads_the_files_tokenizes_alike_and_computes_the_merged_logits(exported):
     import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     ids = encode(exported["tokenizer"], PROMPTS[2])["input_ids"][0].tolist()
     with torch.no_grad():
@@ -175,6 +176,17 @@ def test_llama_cpp_reads_the_files_tokenizes_alike_and_computes_the_merged_logit
             got = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
             assert got == exported["tokenizer"](text).input_ids, text
         assert llm.metadata["tokenizer.chat_template"] == exported["tokenizer"].chat_template
+        # llama-cpp-python's chat path: the file's own template, BOS and EOS give the prompt ids transformers gives
+        bos, eos = (llm.detokenize([t], special=True).decode() for t in (llm.token_bos(), llm.token_eos()))
+        formatter = Jinja2ChatFormatter(
+            template=llm.metadata["tokenizer.chat_template"], bos_token=bos, eos_token=eos
+        )
+        for messages in PROMPTS:
+            rendered = formatter(messages=messages)
+            ids = llm.tokenize(
+                rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
+            )
+            assert ids == encode(exported["tokenizer"], messages)["input_ids"][0].tolist()
     finally:
         llm.close()
 
