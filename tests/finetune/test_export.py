@@ -415,6 +415,29 @@ def test_export_command_writes_both_types(exported, tmp_path):
     assert "Traceback" not in refused.stderr
 
 
+def test_export_command_defaults_to_the_runs_adapter_and_export_folder(trained, tiny_model_dir, tmp_path):
+    """`doctune export -c doctune.yaml` after `doctune finetune`: {run_dir}/adapter in, {run_dir}/export out, with
+    the template and system prompt the adapter was trained with."""
+    import gguf
+    from tests.finetune.helpers import SYSTEM as TRAINING_SYSTEM
+    from tests.finetune.helpers import yaml_config
+    from typer.testing import CliRunner
+
+    from doctune.cli import app
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained["run_dir"], run_dir)
+    config = yaml_config(tmp_path / "doctune.yaml", run_dir, tiny_model_dir)
+    result = CliRunner().invoke(app, ["export", "-c", str(config)])
+    assert result.exit_code == 0, result.output
+    path = run_dir / "export" / "chatbot-q8_0.gguf"
+    fields = gguf.GGUFReader(path).fields
+    trained_template = (run_dir / "adapter" / "chat_template.jinja").read_text(encoding="utf-8")
+    assert fields["tokenizer.chat_template"].contents() == trained_template
+    assert fields["doctune.adapter"].contents() == str((run_dir / "adapter").resolve())
+    assert f'SYSTEM """{TRAINING_SYSTEM}"""' in path.with_suffix(".Modelfile").read_text().splitlines()
+
+
 def assert_same_clear_top1(got: np.ndarray, want: np.ndarray, margin: float) -> int:
     """Wherever `want`'s best token leads its second by more than `margin`, `got` picks the same token; returns how
     many positions were that clear. (A quantized file may flip a near-tie: on SmolLM2, "L" led "The" by 0.009.)"""
