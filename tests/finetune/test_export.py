@@ -236,6 +236,40 @@ def test_derived_chat_format_renders_like_the_jinja_template(exported):
         )
 
 
+MISTRAL_LIKE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_chat_format_of_smollm2s_chatml_and_none_for_a_template_without_role_headers(
+    tiny_model_dir, smollm2_gguf
+):
+    import gguf
+    from transformers import AutoTokenizer
+
+    from doctune.finetune.export import modelfile_text
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = gguf.GGUFReader(smollm2_gguf).fields["tokenizer.chat_template"].contents()
+    chat = derive_chat_format(tokenizer)
+    assert chat is not None
+    assert (chat.start, chat.before_role, chat.after_role, chat.end) == (
+        "",
+        "<|im_start|>",
+        "\n",
+        "<|im_end|>\n",
+    )
+    assert chat.generation_prompt == "<|im_start|>assistant\n"
+    assert chat.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+    tokenizer.chat_template = MISTRAL_LIKE
+    assert derive_chat_format(tokenizer) is None
+    text = modelfile_text("m.gguf", None, ["<|eot_id|>"], None)
+    assert "TEMPLATE" not in text.replace("# No TEMPLATE", "")
+    assert 'PARAMETER stop "<|eot_id|>"' in text and "SYSTEM" not in text
+
+
 def test_export_refuses_files_it_did_not_write_and_replaces_its_own(exported, tmp_path):
     foreign = tmp_path / "chatbot-q8_0.gguf"
     foreign.write_bytes(b"GGUF someone else's model")

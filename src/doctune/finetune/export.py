@@ -79,16 +79,19 @@ def export(
     for path in targets.values():
         refuse_foreign_file(path)
         refuse_foreign_file(modelfile_path(path))
+    if is_full_model and base:
+        log.warning("--base %s is ignored: %s is a full model, exported as it is", base, adapter_dir)
     system = _training_system_prompt(adapter_dir)
+    for path in targets.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
     first = next(iter(targets.values()))
-    first.parent.mkdir(parents=True, exist_ok=True)
     summary = Summary(title="export")
     summary.add("adapter" if not is_full_model else "model", str(adapter_dir))
 
     # ---- run
     with tempfile.TemporaryDirectory(prefix=".doctune-export-", dir=first.parent) as tmp:
         if is_full_model:
-            model_dir = adapter_dir
+            model_dir, base = adapter_dir, None
         else:
             model_dir = Path(tmp) / "merged"
             base = str(dict(merge(adapter_dir, model_dir, base=base, progress=progress).rows)["base model"])
@@ -100,30 +103,37 @@ def export(
                 model_dir, path, gguf_type, name=_model_name(out), provenance=provenance, progress=progress
             )
             # ---- write
-            chat = derive_chat_format(written.tokenizer)
-            modelfile = modelfile_path(path)
-            bos = written.tokenizer.bos_token if written.adds_bos else None
-            default_system = chat.default_system if chat else None
-            text = modelfile_text(path.name, chat, written.stop_tokens, system or default_system, bos=bos)
-            atomic_write_text(modelfile, text)
+            modelfile = _write_modelfile(path, written, system, summary.warnings)
             seconds = round(time.perf_counter() - t_type, 1)
             size_mb = round(path.stat().st_size / 1e6, 1)
             summary.add(f"{gguf_type} file", f"{path.name} ({size_mb} MB, {seconds} s)")
             summary.outputs += [str(path), str(modelfile)]
             if written.kept_f16:
+                names = ", ".join(written.kept_f16[:3]) + (", ..." if len(written.kept_f16) > 3 else "")
                 summary.warnings.append(
                     f"{path.name}: {len(written.kept_f16)} tensor(s) kept in f16, their rows are not a multiple "
-                    f"of 32 ({', '.join(written.kept_f16[:3])}{', ...' if len(written.kept_f16) > 3 else ''})"
-                )
-            if chat is None:
-                summary.warnings.append(
-                    f"{modelfile.name}: no TEMPLATE (the chat template is not ChatML/Llama-3-like); Ollama picks "
-                    "one matching the GGUF's tokenizer.chat_template"
+                    f"of 32 ({names})"
                 )
     summary.add("tensors", written.n_tensors)
     summary.add("seconds", round(time.perf_counter() - t0, 1))
     log.info("exported %s to %s", adapter_dir, ", ".join(str(p) for p in targets.values()))
     return summary
+
+
+def _write_modelfile(gguf_path: Path, written: Written, system: str | None, warnings: list[str]) -> Path:
+    """The Ollama Modelfile beside `gguf_path`: TEMPLATE when the chat format can be derived, stop tokens, and
+    the training system prompt (else the template's own default)."""
+    chat = derive_chat_format(written.tokenizer)
+    if chat is None:
+        warnings.append(
+            f"{modelfile_path(gguf_path).name}: no TEMPLATE (the chat template is not ChatML/Llama-3-like); "
+            "Ollama picks one matching the GGUF's tokenizer.chat_template"
+        )
+    bos = written.tokenizer.bos_token if written.adds_bos else None
+    system = system or (chat.default_system if chat else None)
+    path = modelfile_path(gguf_path)
+    atomic_write_text(path, modelfile_text(gguf_path.name, chat, written.stop_tokens, system, bos=bos))
+    return path
 
 
 def output_paths(out: str | Path, types: Sequence[str]) -> dict[str, Path]:
