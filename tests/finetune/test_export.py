@@ -420,6 +420,35 @@ def test_a_tokenizer_llama_cpp_cannot_split_alike_is_refused(tiny_model_dir, tmp
     assert not list(tmp_path.glob("*.gguf"))
 
 
+def test_q8_0_keeps_tensors_whose_rows_are_not_a_multiple_of_32_in_f16(tiny_model_dir, tmp_path):
+    """An MLP width of 80: ffn_down's rows (80 long) cannot be q8_0 blocks; they stay f16, the rest is q8_0, the
+    summary says so, and llama.cpp runs the mixed file."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = base.config
+    config.intermediate_size = 80
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model_dir = tmp_path / "mlp80"
+    model.save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
+    summary = export(model_dir, tmp_path / "m.gguf", types=["q8_0"])
+
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.1.ffn_down.weight"] == "F16"
+    assert types["blk.0.ffn_up.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q8_0"
+    assert summary.warnings == [
+        "m.gguf: 2 tensor(s) kept in f16, their rows are not a multiple of 32 "
+        "(blk.0.ffn_down.weight, blk.1.ffn_down.weight)"
+    ]
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir)("Check the seal every month.").input_ids
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(llama_cpp_logits(tmp_path / "m.gguf", ids) - want).max() < 0.1
+
+
 def test_export_command_writes_both_types(exported, tmp_path):
     from typer.testing import CliRunner
 
