@@ -25,6 +25,7 @@ PLANTED = [
     "Which city is the capital of France?",  # a word swapped for two
     "Can you tell me how I request access to the model weights?",  # a polite prefix
     "How do I request access to model weights?",  # a word dropped
+    "We are writing a report on Europe. What is the capital of France?",  # added context
 ]
 
 
@@ -62,6 +63,7 @@ def test_planted_eval_questions_never_reach_train_or_val(tmp_path):
         PLANTED[2]: EVAL[2]["question"],
         PLANTED[3]: EVAL[3]["question"],
         PLANTED[4]: EVAL[3]["question"],
+        PLANTED[5]: EVAL[2]["question"],
     }
     assert all(
         {"eval_index", "similarity", "method", "id"} <= set(o) for o in report["contamination"]["overlaps"]
@@ -82,17 +84,31 @@ def test_related_but_different_questions_are_not_overlaps():
         "How many parameters does the largest Llama 2 model have?",
         "What is the population of France?",
         "How do I cite the model in a paper?",
+        "What is the context length of Llama 2?",  # another model: numbers must agree
     ]
     assert find_overlaps(others, items) == {}
     found = find_overlaps([*others, PLANTED[1]], items)
-    assert list(found) == [4] and found[4].eval_index == 1 and found[4].method == "near"
+    assert list(found) == [5] and found[5].eval_index == 1 and found[5].method == "near"
+
+
+def test_what_the_default_guard_gets_wrong():
+    """Word overlap (stemmed, in any order, requests like questions) is all the default guard sees; its precision
+    and recall on a labelled set are measured by bench/curate.py. A paraphrase in other words passes it, and a
+    different question in nearly the same words is rejected."""
+    items = [EvalItem(i, e["question"], e["answer"]) for i, e in enumerate(EVAL)]
+    caught = ["Context length of Llama 3: what is it?", "Explain how I request access to the model weights."]
+    found = find_overlaps(caught, items)
+    assert {i: m.eval_index for i, m in found.items()} == {0: 0, 1: 3}
+    assert find_overlaps(["How big is the context window of Llama 3?"], items) == {}
+    different = find_overlaps(["How do I change the context length of Llama 3?"], items)
+    assert [m.eval_index for m in different.values()] == [0]
 
 
 @pytest.mark.slow
 def test_semantic_overlaps_are_caught_when_semantic_checks_are_on(tmp_path):
     paraphrase = "How big is the context window of Llama 3?"  # few shared words, same meaning
     items = [EvalItem(i, e["question"], e["answer"]) for i, e in enumerate(EVAL)]
-    assert find_overlaps([paraphrase], items) == {}
+    assert find_overlaps([paraphrase], items) == {}  # semantic checks are off by default (bench/curate.py)
     cfg, _ = _setup(tmp_path, mode="off", dedup={"semantic": 0.8})
     raw = read_jsonl(cfg.run_path / "qa_raw.jsonl")
     write_raw(cfg, [*raw, pair(200, paraphrase)])
