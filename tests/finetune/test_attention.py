@@ -88,3 +88,23 @@ def test_assistant_only_loss_of_a_flat_row_is_the_token_mean_over_samples(
                 )
                 count += int(keep.sum())
     assert float(loss) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_consecutive_rows_with_other_sample_lengths_each_equal_their_samples_alone(model):
+    """The sample bounds are found once per row: a later row of other lengths must not reuse an earlier row's."""
+    model.set_attn_implementation(attention.register())
+    try:
+        for seed, lengths in ((2, (20, 5, 33)), (3, (9, 40, 2, 7))):
+            gen = torch.Generator().manual_seed(seed)
+            samples = [{"input_ids": torch.randint(10, 1000, (n,), generator=gen).tolist()} for n in lengths]
+            for s in samples:
+                s["labels"] = s["input_ids"]
+            batch = data.flatten_batch(samples)
+            with torch.no_grad():
+                flat = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+                alone = torch.cat(
+                    [model(input_ids=torch.tensor([s["input_ids"]])).logits[0] for s in samples]
+                )
+            assert torch.allclose(flat, alone, atol=1e-5), (lengths, float((flat - alone).abs().max()))
+    finally:
+        model.set_attn_implementation("sdpa")

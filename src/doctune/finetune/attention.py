@@ -10,11 +10,17 @@ Registered with transformers' AttentionInterface as "doctune_varlen"; rows witho
 from __future__ import annotations
 
 import itertools
+import weakref
 from typing import Any
 
 import torch
 
 VARLEN = "doctune_varlen"
+
+# The bounds of the last row seen, keyed by its position_ids tensor: every layer of one forward pass gets the same
+# tensor, so the restarts are found once per batch, not once per layer (a weak reference: no stale hit when a
+# later batch's tensor reuses the memory).
+_last_bounds: tuple[weakref.ref, list[int]] | None = None
 
 
 def sample_bounds(position_ids: torch.Tensor) -> list[int]:
@@ -52,7 +58,7 @@ def varlen_sdpa(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    bounds = sample_bounds(position_ids[0])
+    bounds = _row_bounds(position_ids)
     outputs = [
         sdpa_attention_forward(
             module,
@@ -67,6 +73,16 @@ def varlen_sdpa(
         for start, end in itertools.pairwise(bounds)
     ]
     return torch.cat(outputs, dim=1), None
+
+
+def _row_bounds(position_ids: torch.Tensor) -> list[int]:
+    """sample_bounds of a (1, length) position_ids tensor, computed once per tensor."""
+    global _last_bounds
+    if _last_bounds is not None and _last_bounds[0]() is position_ids:
+        return _last_bounds[1]
+    bounds = sample_bounds(position_ids[0])
+    _last_bounds = (weakref.ref(position_ids), bounds)
+    return bounds
 
 
 def register() -> str:
