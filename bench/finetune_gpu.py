@@ -15,10 +15,11 @@ gradients only, no weight gradients for them):
   LoRA:      2 * r * (in + out) per adapted layer forward, 3x that for forward + backward
 MFU = counted FLOP/s / peak. Peak: `--peak-tflops`, default 989 (H100/H200 SXM bf16 dense, no sparsity).
 The "6N" convention's figure (6 * all parameters per token, as if the whole model were trained) is printed too.
-Target: 40% MFU. Fits a few minutes: model init ~1 min, 3 + 8 steps of 8k tokens.
+Target: 40% MFU. Fits a few minutes: model init ~1 min, 3 + 8 steps of 4k tokens (activations ~30 GB per 2k-token
+sequence: no gradient checkpointing).
 
     python bench/finetune_gpu.py                  # prints a table, writes bench/results/finetune_gpu.json
-    python bench/finetune_gpu.py --steps 4 --samples 2
+    python bench/finetune_gpu.py --steps 4 --samples 1     # quicker, less memory
 """
 
 from __future__ import annotations
@@ -131,14 +132,19 @@ def main() -> int:
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    for _ in range(args.warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    losses = [step() for _ in range(args.steps)]
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
+    try:
+        for _ in range(args.warmup):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        losses = [step() for _ in range(args.steps)]
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+    except torch.cuda.OutOfMemoryError:
+        print(
+            f"bench/finetune_gpu.py: out of GPU memory with --samples {args.samples} x --seq {args.seq}; use fewer"
+        )
+        return 3
 
     tokens = args.seq * args.samples * args.steps
     counted, six_n = counted_flops_per_step(LLAMA3_8B, args.seq, args.samples, args.rank, loss_tokens)
