@@ -1,6 +1,7 @@
 import asyncio
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -380,3 +381,60 @@ def test_aclose_frees_the_model_and_a_later_call_loads_it_again(tiny_model_dir):
     run(llm.aclose())
     assert llm._loaded is None
     assert run(llm.chat(CONVERSATIONS[0], max_tokens=6)) == first
+
+
+def test_a_sampled_request_gets_the_same_reply_alone_or_beside_others(llm):
+    conversation = [{"role": "user", "content": "Tell me about vaults."}]
+    alone = run(llm.chat(conversation, max_tokens=16, temperature=1.0))
+    beside = gather(llm, [conversation, *CONVERSATIONS[:5]], max_tokens=16, temperature=1.0)[0]
+    assert beside.text == alone.text
+
+
+def test_a_cancelled_call_frees_its_slot(tiny_model_dir):
+    one_slot = backend(tiny_model_dir, batch=1)
+    schema = {
+        "type": "array",
+        "items": {"type": "integer"},
+        "minItems": 1000,
+    }  # cannot end within 3000 tokens
+
+    async def go():
+        long = asyncio.ensure_future(one_slot.chat(CONVERSATIONS[0], max_tokens=3000, json_schema=schema))
+        while one_slot.stats["steps"] < 5:
+            await asyncio.sleep(0.005)
+        long.cancel()
+        started = time.monotonic()
+        short = await one_slot.chat(CONVERSATIONS[1], max_tokens=4)  # needs the only slot
+        return long, short, time.monotonic() - started
+
+    long, short, waited = run(go())
+    assert long.cancelled() and short.completion_tokens <= 4
+    assert one_slot.stats["cancelled"] == 1 and one_slot.stats["steps"] < 1000 and waited < 10
+    run(one_slot.aclose())
+
+
+@pytest.mark.slow
+def test_smollm2_answers_do_not_change_under_continuous_batching(smollm2_folder):
+    """On the real model: eight requests of different lengths, four slots, each answer equal to `generate` alone."""
+    llm = backend(smollm2_folder, batch=4)
+    questions = ["What is the capital of France?", "Name a primary color.", "What is 2 + 2?", "Say hello."]
+    conversations = [[{"role": "user", "content": q}] for q in questions * 2]
+    limits = [10, 16, 6, 12, 16, 6, 12, 8]
+
+    async def go():
+        return await asyncio.gather(
+            *(llm.chat(m, max_tokens=n) for m, n in zip(conversations, limits, strict=True))
+        )
+
+    replies = run(go())
+    loaded = llm._loaded
+    for messages, limit, reply in zip(conversations, limits, replies, strict=True):
+        ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        out = loaded.model.generate(
+            torch.tensor([ids]), max_new_tokens=limit, do_sample=False, eos_token_id=sorted(loaded.eos_ids)
+        )
+        expected = [t for t in out[0, len(ids) :].tolist() if t not in loaded.eos_ids]
+        assert reply.text == loaded.tokenizer.decode(expected, skip_special_tokens=True)
+    assert "Paris" in replies[0].text
+    assert llm.stats["batches"] > 1 and llm.stats["largest_batch"] == 4
+    run(llm.aclose())
