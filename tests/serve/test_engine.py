@@ -212,6 +212,37 @@ def test_the_engine_recovers_after_a_forward_pass_raises(idle_engine, monkeypatc
     assert together[0][0] == expected[0]
 
 
+def test_a_newcomer_whose_prefill_fails_leaves_the_running_rows_alone(idle_engine, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    long_params = {"max_tokens": 400, "json_schema": LONG_ANSWER_FORMAT["json_schema"]["schema"]}
+    expected = ask(idle_engine, "plain", QUESTIONS[0], **long_params)[0]
+    original = modeling_llama.LlamaMLP.forward
+
+    def prefills_fail(self, x):
+        if x.shape[1] > 1:  # a prompt, not a decode step
+            raise RuntimeError("simulated failure in a prefill")
+        return original(self, x)
+
+    long_events = idle_engine.start_sync(
+        idle_engine.prepare("plain", [{"role": "user", "content": QUESTIONS[0]}], **long_params)
+    )
+    while len(long_events.seq.generated) < 3:
+        time.sleep(0.002)
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", prefills_fail)
+    newcomer = idle_engine.prepare("docs", [{"role": "user", "content": QUESTIONS[1]}], max_tokens=8)
+    with idle_engine.start_sync(newcomer) as events:
+        failed = list(events)
+    long_was_running = not long_events.seq.finished
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", original)
+    with long_events:
+        long_text = "".join(e.text for e in long_events if isinstance(e, Delta))
+
+    assert isinstance(failed[-1], Failed) and long_was_running
+    assert long_text == expected  # the running row went on, untouched
+    assert remove_adapter_hooks(idle_engine.loaded.model) == 0
+
+
 def test_a_failing_sampler_fails_its_step_and_the_engine_goes_on(idle_engine, monkeypatch):
     calls = {"n": 0}
     original = RowSampler.__call__

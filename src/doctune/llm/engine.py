@@ -175,21 +175,27 @@ class BatchEngine:
                 self._running = []
                 return
             self._running = (batch.rows if batch else []) + newcomers
-            try:
-                if batch is not None:
-                    batch = self._advance(batch)
-                if newcomers:
-                    joined = self._prefill(newcomers)
-                    batch = joined if batch is None else batch.concat(joined)
-            except (
-                Exception
-            ) as exc:  # every row of this step is told; the model stays usable; the loop goes on
-                log.exception("generation failed for a batch of %d request(s)", len(self._running))
-                self.stats["failed_batches"] += 1
-                for row in self._running:
-                    row.fail(self.failure_message(exc))
-                batch = None
+            if batch is not None:
+                batch = self._guarded(self._advance, batch, batch.rows)
+            joined = (
+                self._guarded(self._prefill, newcomers, newcomers) if newcomers else None
+            )  # spares the others
+            if joined is not None and batch is not None:
+                batch = self._guarded(batch.concat, joined, batch.rows + joined.rows)
+            elif joined is not None:
+                batch = joined
             self._running = batch.rows if batch else []
+
+    def _guarded(self, step: Callable[[Any], _Batch | None], arg: Any, rows: list[Row]) -> _Batch | None:
+        """`step(arg)`; if it raises, every row of it is told and None returned (the model stays usable)."""
+        try:
+            return step(arg)
+        except Exception as exc:  # the loop goes on for the other rows and later requests
+            log.exception("generation failed for a batch of %d request(s)", len(rows))
+            self.stats["failed_batches"] += 1
+            for row in rows:
+                row.fail(self.failure_message(exc))
+            return None
 
     def _admit(self, active: int) -> list[Row] | None:
         """Waiting rows to prefill now (maybe none); None when closing. Blocks while there is nothing to do."""
