@@ -21,13 +21,16 @@ seed 0, validation loss once at the end, the adapter saved once at the end, each
   doctune with `models.student.dtype: bfloat16` (bf16 weights, LoRA weights in float32). On CPUs with native
   bf16 matmuls (avx512_bf16 / AMX) this is the faster setting; elsewhere it is slower.
 
-Reported per method: whole-process wall time (the interpreter start to exit), train-loop seconds and tokens/s
-(tokens through the model / Trainer's train_runtime), final train loss (mean of the last 10 steps) and val loss,
-peak RSS of the process. Methods run interleaved, `--rounds` times; each method's fastest round is kept, all
+Reported per method: whole-process wall time (the interpreter start to exit) and CPU seconds (user + system: the
+steadier figure on a shared machine), train-loop seconds and tokens/s (tokens through the model / Trainer's
+train_runtime, which includes the final evaluation and save), final train loss (mean of the last 10 steps) and
+val loss, peak RSS of the process. Each figure of doctune's fastest variant is compared with TRL's best setting
+for that figure. Methods run interleaved, `--rounds` times; each method's fastest round is kept, all
 rounds are listed (the spread is the machine's noise). The target: doctune >= 1.5x the best TRL setting in
 whole-process wall time and in train-loop tokens/s, val loss within 2%, peak RSS not above it.
 
-    .venv/bin/python bench/finetune.py                          # both models (~8 min on a quiet 2-core machine)
+    .venv/bin/python bench/finetune.py                          # both models, all methods, one round each
+                                                                # (~7 min estimated from CPU seconds on 2 quiet cores)
     .venv/bin/python bench/finetune.py --model tiny --rounds 3
     .venv/bin/python bench/finetune.py --threads 1              # torch threads per process (busy machine)
 """
@@ -59,9 +62,9 @@ SEED_ROW = 4096
 LR = 1e-4
 LORA = {"r": 8, "alpha": 32, "dropout": 0.05}
 SYSTEM = "You are a helpful assistant for questions about the documents you were trained on."
-DEFAULT_STEPS = {"tiny": 50, "smollm2": 6}
-DEFAULT_SAMPLES = {"tiny": 200, "smollm2": 48}
-DEFAULT_ROUNDS = {"tiny": 2, "smollm2": 1}
+DEFAULT_STEPS = {"tiny": 50, "smollm2": 4}
+DEFAULT_SAMPLES = {"tiny": 200, "smollm2": 32}
+DEFAULT_ROUNDS = {"tiny": 1, "smollm2": 1}
 
 
 # ---------------------------------------------------------------- data
@@ -529,11 +532,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", choices=("tiny", "smollm2", "both"), default="both")
-    parser.add_argument("--steps", type=int, help="steps of 4 samples (default: tiny 50, smollm2 6)")
-    parser.add_argument("--samples", type=int, help="training conversations (default: tiny 200, smollm2 48)")
-    parser.add_argument(
-        "--rounds", type=int, help="runs per method, interleaved; fastest kept (default: tiny 2, smollm2 1)"
-    )
+    parser.add_argument("--steps", type=int, help="steps of 4 samples (default: tiny 50, smollm2 4)")
+    parser.add_argument("--samples", type=int, help="training conversations (default: tiny 200, smollm2 32)")
+    parser.add_argument("--rounds", type=int, help="runs per method, interleaved; fastest kept (default 1)")
     parser.add_argument("--threads", type=int, help="torch threads per process (default: torch's own choice)")
     parser.add_argument(
         "--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS)
