@@ -423,8 +423,16 @@ def _dequantize(gguf: Path, digest: str, folder: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
+    # A tied output head may come back from the GGUF loader as an empty (meta) tensor: tie it here instead.
+    weights = {k: v for k, v in loaded.state_dict().items() if v.device.type != "meta"}
+    missing = set(model.load_state_dict(weights, strict=False).missing_keys)
     model.tie_weights()
+    if getattr(config, "tie_word_embeddings", False):
+        missing.discard("lm_head.weight")
+    if missing:
+        raise InputError(
+            f"{gguf}: the GGUF file lacks tensors the model needs ({', '.join(sorted(missing)[:3])})"
+        )
     model.generation_config = loaded.generation_config
     del loaded
 
