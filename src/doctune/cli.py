@@ -393,7 +393,8 @@ def serve_command(
     model: Annotated[
         str,
         typer.Option(
-            "--model", help="Base model: a folder, a hub name, or a name in `models:` of the config."
+            "--model",
+            help="Base model: a folder, a .gguf file, a hub name, or a name in `models:` of the config.",
         ),
     ],
     adapters: Annotated[
@@ -456,7 +457,10 @@ def serve_command(
 @app.command("chat")
 def chat_command(
     model: Annotated[
-        str, typer.Option("--model", help="Base model folder / hub name, or the model's name on --endpoint.")
+        str,
+        typer.Option(
+            "--model", help="Base model folder, .gguf file or hub name; or the model's name on --endpoint."
+        ),
     ],
     adapter: Annotated[
         Path | None,

@@ -70,7 +70,9 @@ class ModelConfig(Section):
         "openai",
         description="openai: any OpenAI-compatible server (vLLM, TGI, ...); hf: in-process transformers.",
     )
-    model: str = Field(description="Model name on the server (openai) or local dir / hub name (hf).")
+    model: str = Field(
+        description="Model name on the server (openai); hf: a local folder, a .gguf file or a hub name."
+    )
     base_url: str | list[str] | None = Field(
         None, description="openai: server URL(s) ending in /v1; several are used round-robin."
     )
