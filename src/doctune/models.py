@@ -422,13 +422,18 @@ def _dequantize(gguf: Path, digest: str, folder: Path) -> None:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # A tied output head may come back from the GGUF loader as an empty (meta) tensor: tie it here instead.
+    # A GGUF file without an `output` tensor ties the output head to the embeddings (as llama.cpp reads it); the
+    # GGUF loader does not always say so (it may leave lm_head as an empty meta tensor): decide it here.
     weights = {k: v for k, v in loaded.state_dict().items() if v.device.type != "meta"}
+    if "lm_head.weight" not in weights:
+        config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing = set(model.load_state_dict(weights, strict=False).missing_keys)
     model.tie_weights()
-    if getattr(config, "tie_word_embeddings", False):
+    if config.tie_word_embeddings:
         missing.discard("lm_head.weight")
+        if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+            raise InputError(f"{gguf}: cannot tie the output head to the embeddings of this GGUF model")
     if missing:
         raise InputError(
             f"{gguf}: the GGUF file lacks tensors the model needs ({', '.join(sorted(missing)[:3])})"
