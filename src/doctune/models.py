@@ -198,10 +198,24 @@ def load_causal_lm(
         model = _quietly(AutoModelForCausalLM.from_pretrained, ref.source, **kwargs)
     except Exception as exc:  # transformers/hub raise many types; the user needs one line and a fix
         raise InputError(f"{ref.reference}: cannot load the model ({_reason(exc)}){_hub_hint(ref)}") from exc
+    tie_output_head(model)
     if ref.kind == "gguf":  # PEFT records model.name_or_path as an adapter's base: the user's reference
         model.name_or_path = model.config.name_or_path = ref.reference
     log.info("loaded %s in %.1fs", ref.reference, time.perf_counter() - started)
     return model
+
+
+def tie_output_head(model: Any) -> bool:
+    """Share the input embeddings with the output head of a model whose config ties them, when transformers
+    left them apart (seen in long-lived processes: the head stayed an empty meta tensor, or random). True when
+    the head is tied afterwards."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if not getattr(config, "tie_word_embeddings", False) or head is None or embeddings is None:
+        return False
+    if head.weight is not embeddings.weight:
+        head.weight = embeddings.weight
+    return True
 
 
 def _quietly(load: Any, *args: Any, **kwargs: Any) -> Any:
@@ -429,11 +443,8 @@ def _dequantize(gguf: Path, digest: str, folder: Path) -> None:
         config.tie_word_embeddings = True
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing = set(model.load_state_dict(weights, strict=False).missing_keys)
-    model.tie_weights()
-    if config.tie_word_embeddings:
+    if tie_output_head(model):
         missing.discard("lm_head.weight")
-        if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
-            raise InputError(f"{gguf}: cannot tie the output head to the embeddings of this GGUF model")
     if missing:
         raise InputError(
             f"{gguf}: the GGUF file lacks tensors the model needs ({', '.join(sorted(missing)[:3])})"
@@ -450,7 +461,10 @@ def _dequantize(gguf: Path, digest: str, folder: Path) -> None:
         ) from None
     try:
         staged.chmod(0o777 & ~_umask())
-        _quietly(model.save_pretrained, staged)
+        saved = model.state_dict()
+        if config.tie_word_embeddings:  # the head is the embeddings: stored once, tied again on load
+            saved.pop("lm_head.weight", None)
+        _quietly(model.save_pretrained, staged, state_dict=saved)
         tokenizer.save_pretrained(staged)
         atomic_write_json(staged / GGUF_INFO, {"gguf": str(gguf.resolve()), "sha256": digest})
         try:
