@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from doctune.errors import ConfigError
+from doctune.runs import RunDir
 
 DEFAULT_CONFIG_NAME = "doctune.yaml"
 
@@ -295,6 +296,11 @@ class Config(Section):
     def run_path(self) -> Path:
         p = Path(self.run_dir).expanduser()
         return p if p.is_absolute() else (self._base_dir / p)
+
+    @property
+    def run_folder(self) -> RunDir:
+        """The run folder with every file of it named (`cfg.run_folder.train`, `.adapter.config`, ...)."""
+        return RunDir(self.run_path)
 
     def model(self, name: str) -> ModelConfig:
         return self.models[name]

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from doctune.adapters import AdapterDir
 from doctune.errors import DoctuneError, InputError
 from doctune.runs import atomic_write_json, sha256_file
 
@@ -43,9 +44,6 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_GLOBS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-FINETUNE_INFO = "doctune_finetune.json"
 GGUF_INFO = "doctune_gguf.json"
 
 # How many GGUF files this process has dequantized (tests and benchmarks check a cached load does none).
@@ -241,39 +239,12 @@ def _hub_hint(ref: ModelRef) -> str:
 
 def adapter_folder(adapter: str | Path) -> Path:
     """`adapter` checked to be a PEFT adapter folder (adapter_config.json that is JSON, weights beside it)."""
-    folder = Path(adapter).expanduser()
-    config = folder / ADAPTER_CONFIG
-    if not config.is_file():
-        why = "not a PEFT adapter folder" if folder.is_dir() else "the folder does not exist"
-        raise InputError(
-            f"adapter {adapter}: no {ADAPTER_CONFIG} there ({why}); give the adapter/ folder that "
-            "`doctune finetune` writes"
-        )
-    try:
-        json.loads(config.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"adapter {config}: cannot load, not valid JSON ({exc})") from None
-    if not any((folder / name).is_file() for name in ADAPTER_WEIGHTS):
-        raise InputError(f"adapter {adapter}: no {ADAPTER_WEIGHTS[0]} there (the adapter has no weights)")
-    return folder
+    return AdapterDir(adapter).checked(adapter).path
 
 
 def adapter_base_model(adapter: str | Path) -> str | None:
-    """The base model an adapter was trained on: doctune_finetune.json's `base_model` (the user's reference),
-    else adapter_config.json's `base_model_name_or_path`; None when neither names one."""
-    folder = adapter_folder(adapter)
-    for file, key in (
-        (folder / FINETUNE_INFO, "base_model"),
-        (folder / ADAPTER_CONFIG, "base_model_name_or_path"),
-    ):
-        if file.is_file():
-            try:
-                value = json.loads(file.read_text(encoding="utf-8")).get(key)
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-                raise InputError(f"{file}: not a JSON object ({exc}); run `doctune finetune` again") from None
-            if value:
-                return str(value)
-    return None
+    """The base model an adapter was trained on (see AdapterDir.base_model); None when nothing names one."""
+    return AdapterDir(adapter).checked(adapter).base_model()
 
 
 def load_adapter(
@@ -309,8 +280,8 @@ def load_adapter(
 def check_adapter_fits(model: Any, adapter: Path, model_name: str) -> None:
     """InputError when a LoRA matrix in the adapter's safetensors does not fit the layer it adapts in `model`
     (an adapter trained on another base model). Only the file's header is read."""
-    weights = adapter / ADAPTER_WEIGHTS[0]
-    if not weights.is_file():
+    weights = AdapterDir(adapter).weights
+    if not weights.is_file() or weights.suffix != ".safetensors":
         return  # an old .bin adapter: PEFT's own size check (turned into one line by load_adapter) applies
     from safetensors import safe_open
 

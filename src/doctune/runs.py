@@ -270,19 +270,51 @@ class StageRecord:
 
 
 class RunDir:
-    """One run's folder. Never inside the data folder; created on first write."""
+    """One run's folder, every file and folder of it as a named attribute (the table in DESIGN.md), in the order
+    the stages write them. Never inside the data folder; created on first write."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        from doctune.adapters import AdapterDir
 
-    def __truediv__(self, name: str) -> Path:
+        self.path = Path(path)
+        self.manifest_file = self.path / MANIFEST
+        self.cache = self.path / "cache.sqlite"  # LLM replies of generate, curate and eval
+        # ingest
+        self.chunks = self.path / "chunks.jsonl"
+        self.ingest_report = self.path / "ingest_report.json"
+        # generate
+        self.qa_raw = self.path / "qa_raw.jsonl"
+        self.generate_failures = self.path / "generate_failures.jsonl"
+        # curate
+        self.qa_curated = self.path / "qa_curated.jsonl"
+        self.qa_rejected = self.path / "qa_rejected.jsonl"
+        self.data_json = self.path / "data.json"  # the seed recipe's training set
+        self.train = self.path / "train.jsonl"
+        self.val = self.path / "val.jsonl"
+        self.curation_report = self.path / "curation_report.json"
+        # finetune
+        self.adapter = AdapterDir(self.path / "adapter")
+        # eval
+        self.eval_dir = self.path / "eval"
+        self.eval_results = self.eval_dir / "results.jsonl"
+        self.eval_summary = self.eval_dir / "summary.json"
+        self.eval_report_md = self.eval_dir / "report.md"
+        self.eval_report_html = self.eval_dir / "report.html"
+        # merge and export (commands after the pipeline)
+        self.merged = self.path / "merged"
+        self.export_dir = self.path / "export"
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __truediv__(self, name: str) -> Path:  # TODO(#15): remove once every stage uses the attributes
         return self.path / name
 
     def ensure(self) -> Path:
         return make_dir(self.path)
 
     def manifest(self) -> dict[str, Any]:
-        path = self.path / MANIFEST
+        path = self.manifest_file
         if not path.is_file():
             return {}
         try:
@@ -296,7 +328,7 @@ class RunDir:
         manifest = self.manifest()
         manifest.setdefault(section, {})[key] = value
         self.ensure()
-        atomic_write_json(self.path / MANIFEST, manifest)
+        atomic_write_json(self.manifest_file, manifest)
 
     def record(self, rec: StageRecord) -> dict[str, Any]:
         """Write (replace) one stage's entry under `stages` in manifest.json."""
