@@ -14,79 +14,50 @@ bad key) is not caught here: it ends the stage, and answered requests stay in th
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from doctune.llm import gather
+from doctune.llm import verdict as replies
 from doctune.llm.base import LLM, Completion, RequestFailed, Usage
-from doctune.llm.structured import ReplyParseError, parse_json_reply, text_pattern
+from doctune.llm.structured import ReplyParseError
 from doctune.prompts import fill
 from doctune.reporting import Progress
 
 SCORE_KEY = "score_prompt_template"
 YESNO_KEY = "curation_prompt_template"
 USER_KEY = "curation_user_template"
-MAX_TOKENS = 512
-# In-process judges write the reason under this pattern. 120 characters fit the judge's max_tokens even when
-# every character takes 4 byte-level tokens (a weak model writes rare 4-byte characters).
-SAFE_REASON_PATTERN = text_pattern(120)
+MAX_SCORE = 5
 
 
 def reply_schema(mode: str, *, bounded_strings: bool = False) -> dict[str, Any]:
     """JSON schema of a judge's reply in `mode` (score or yesno); the reason comes first, so the model
     explains before it decides."""
-    text: dict[str, Any] = (
-        {"type": "string", "pattern": SAFE_REASON_PATTERN} if bounded_strings else {"type": "string"}
-    )
     if mode == "score":
-        properties = {"reason": text, "score": {"type": "integer", "minimum": 1, "maximum": 5}}
-    elif mode == "yesno":
-        properties = {"Reason": text, "Result": {"type": "string", "enum": ["YES", "NO"]}}
-    else:
-        raise ValueError(f"no judge schema for mode {mode!r}")
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": list(properties),
-        "additionalProperties": False,
-    }
+        value = {"type": "integer", "minimum": 1, "maximum": MAX_SCORE}
+        return replies.verdict_schema("reason", "score", value, bounded_strings=bounded_strings)
+    if mode == "yesno":
+        value = {"type": "string", "enum": [replies.YES, replies.NO]}
+        return replies.verdict_schema("Reason", "Result", value, bounded_strings=bounded_strings)
+    raise ValueError(f"no judge schema for mode {mode!r}")
 
 
-def _as_object(value: Any) -> dict[str, Any]:
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if not isinstance(value, dict):
-        raise ReplyParseError(f"expected a JSON object, got {type(value).__name__}")
-    return {k.strip().lower(): v for k, v in value.items() if isinstance(k, str)}
-
-
-def _reason(obj: dict[str, Any]) -> str:
-    reason = obj.get("reason")
-    return reason.strip() if isinstance(reason, str) else ""
+def _reason(raw: Any) -> str:
+    return raw.strip() if isinstance(raw, str) else ""
 
 
 def parse_score(text: str) -> tuple[int, str]:
     """(score, reason) of a score-mode reply. Raises ReplyParseError unless the score is an integer 1-5
-    (a number or a numeral string).
+    (a number, or a string such as "4" or "4/5": llm/verdict.py).
 
     >>> parse_score('{"reason": "Fully supported.", "score": 5}')
     (5, 'Fully supported.')
     >>> parse_score('```json\\n{"Reason": "Half of it is made up", "Score": "2"}\\n```')
     (2, 'Half of it is made up')
     """
-    obj = _as_object(parse_json_reply(text))
-    raw = obj.get("score")
-    score: int | None = None
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        score = raw
-    elif isinstance(raw, float) and raw.is_integer():
-        score = int(raw)
-    elif isinstance(raw, str) and raw.strip().isdigit():
-        score = int(raw.strip())
-    if score is None or not 1 <= score <= 5:
-        raise ReplyParseError(f"score must be an integer from 1 to 5, got {raw!r}")
-    return score, _reason(obj)
+    score, reason = replies.parse_score(text, high=MAX_SCORE)
+    return score, _reason(reason)
 
 
 def parse_yesno(text: str) -> tuple[bool, str]:
@@ -95,12 +66,8 @@ def parse_yesno(text: str) -> tuple[bool, str]:
     >>> parse_yesno('{"Reason": "Relevant.", "Result": "yes"}')
     (True, 'Relevant.')
     """
-    obj = _as_object(parse_json_reply(text))
-    raw = obj.get("result")
-    result = raw.strip().strip(".").upper() if isinstance(raw, str) else None
-    if result not in ("YES", "NO"):
-        raise ReplyParseError(f"Result must be YES or NO, got {raw!r}")
-    return result == "YES", _reason(obj)
+    passed, reason = replies.parse_yesno(text)
+    return passed, _reason(reason)
 
 
 @dataclass(frozen=True)
@@ -127,7 +94,7 @@ class Judge:
     threshold: int
     prompts: dict[str, str]
     language: str = "English"
-    max_tokens: int = MAX_TOKENS
+    max_tokens: int = replies.MAX_TOKENS
     bounded_strings: bool = False
     schema: dict[str, Any] = field(init=False)
 
@@ -174,11 +141,11 @@ class JudgeTally(Usage):
     passed: int = 0
     errors: int = 0
 
-    def add(self, verdict: Verdict) -> None:
+    def add(self, result: Verdict) -> None:
         self.requests += 1
-        self.passed += verdict.passed is True
-        self.errors += verdict.passed is None
-        self.add_reply(verdict.completion)
+        self.passed += result.passed is True
+        self.errors += result.passed is None
+        self.add_reply(result.completion)
 
 
 async def judge_all(
@@ -187,19 +154,8 @@ async def judge_all(
     """Every pair's verdict, in order. All requests are in flight at once (the LLM bounds concurrency); a
     fatal LLMError cancels the rest (what was answered is already in the cache)."""
 
-    async def indexed(i: int, pair: dict[str, Any]) -> tuple[int, Verdict]:
-        return i, await judge.judge(pair)
+    def count(result: Verdict) -> None:
+        tally.add(result)
+        progress.advance(1, passed=tally.passed, errors=tally.errors, tok_in=tally.prompt_tokens)
 
-    verdicts: list[Verdict | None] = [None] * len(pairs)
-    tasks = [asyncio.create_task(indexed(i, pair)) for i, pair in enumerate(pairs)]
-    try:
-        for next_done in asyncio.as_completed(tasks):
-            i, verdict = await next_done
-            verdicts[i] = verdict
-            tally.add(verdict)
-            progress.advance(1, passed=tally.passed, errors=tally.errors, tok_in=tally.prompt_tokens)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return [v for v in verdicts if v is not None]
+    return await gather.ordered(judge.judge, pairs, on_result=count)

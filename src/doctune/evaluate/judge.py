@@ -19,39 +19,31 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from doctune.llm.base import LLM, RequestFailed
-from doctune.llm.structured import ReplyParseError, parse_json_reply, text_pattern
+from doctune.llm import verdict as replies
+from doctune.llm.base import LLM, RequestFailed, Usage
+from doctune.llm.structured import ReplyParseError
 from doctune.prompts import fill
 
 log = logging.getLogger(__name__)
 
 JudgeMode = Literal["score", "yesno"]
-JUDGE_MAX_TOKENS = 512
-MAX_REASON_CHARS = 120  # in-process judges: fits JUDGE_MAX_TOKENS even at 4 byte-level tokens a character
+MAX_SCORE = 10
+WINNERS = ("A", "B", "tie")
 
 
 def reply_schema(
     kind: Literal["score", "yesno", "pairwise"], *, bounded_strings: bool = False
 ) -> dict[str, Any]:
-    """JSON schema of a judge reply; the reason comes first, so the judge explains before it decides.
-    `bounded_strings` (in-process decoding) bounds the reason with structured.text_pattern; servers get plain text,
-    so a reason may quote."""
-    reason: dict[str, Any] = {"type": "string"}
-    if bounded_strings:
-        reason = {"type": "string", "pattern": text_pattern(MAX_REASON_CHARS)}
-    verdict: dict[str, tuple[str, dict[str, Any]]] = {
-        "score": ("score", {"type": "integer", "minimum": 1, "maximum": 10}),
-        "yesno": ("Result", {"type": "string", "enum": ["YES", "NO"]}),
-        "pairwise": ("winner", {"type": "string", "enum": ["A", "B", "tie"]}),
-    }
-    reason_key = "Reason" if kind == "yesno" else "reason"  # the seed's keys in yesno mode
-    key, value = verdict[kind]
-    return {
-        "type": "object",
-        "properties": {reason_key: reason, key: value},
-        "required": [reason_key, key],
-        "additionalProperties": False,
-    }
+    """JSON schema of a judge reply (llm/verdict.py); the seed's keys (`Reason`, `Result`) in yesno mode.
+    `bounded_strings` (in-process decoding) bounds the reason; servers get plain text, so a reason may quote."""
+    if kind == "score":
+        value = {"type": "integer", "minimum": 1, "maximum": MAX_SCORE}
+        return replies.verdict_schema("reason", "score", value, bounded_strings=bounded_strings)
+    if kind == "yesno":
+        value = {"type": "string", "enum": [replies.YES, replies.NO]}
+        return replies.verdict_schema("Reason", "Result", value, bounded_strings=bounded_strings)
+    value = {"type": "string", "enum": list(WINNERS)}
+    return replies.verdict_schema("reason", "winner", value, bounded_strings=bounded_strings)
 
 
 PairOutcome = Literal["win", "tie", "loss"]
@@ -79,20 +71,8 @@ class PairVerdict:
     error: str | None = None
 
 
-def _get(reply: dict[str, Any], name: str) -> Any:
-    for key, value in reply.items():
-        if isinstance(key, str) and key.strip().lower() == name:
-            return value
-    return None
-
-
-def _as_dict(text: str) -> dict[str, Any]:
-    value = parse_json_reply(text)
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if not isinstance(value, dict):
-        raise ReplyParseError(f"expected a JSON object, got {type(value).__name__}")
-    return value
+def _reason(raw: Any) -> str | None:
+    return str(raw) if raw is not None else None
 
 
 def parse_score(text: str) -> Verdict:
@@ -104,18 +84,12 @@ def parse_score(text: str) -> Verdict:
     True
     """
     try:
-        reply = _as_dict(text)
+        score, reason = replies.parse_score(text, high=MAX_SCORE)
+    except replies.BadVerdict as exc:
+        return Verdict(error=f"judge reply has no score 1-{MAX_SCORE} (got {exc.got!r})", raw=text)
     except ReplyParseError as exc:
         return Verdict(error=f"unparseable judge reply: {exc}", raw=text)
-    score, reason = _get(reply, "score"), _get(reply, "reason")
-    if isinstance(score, str):
-        score = score.strip().split("/")[0].strip()
-        score = int(score) if score.isdigit() else score
-    if isinstance(score, float) and score.is_integer():
-        score = int(score)
-    if isinstance(score, bool) or not isinstance(score, int) or not 1 <= score <= 10:
-        return Verdict(error=f"judge reply has no score 1-10 (got {score!r})", raw=text)
-    return Verdict(score=float(score), reason=str(reason) if reason is not None else None)
+    return Verdict(score=float(score), reason=_reason(reason))
 
 
 def parse_yesno(text: str) -> Verdict:
@@ -125,14 +99,12 @@ def parse_yesno(text: str) -> Verdict:
     1.0
     """
     try:
-        reply = _as_dict(text)
+        passed, reason = replies.parse_yesno(text)
+    except replies.BadVerdict as exc:
+        return Verdict(error=f"judge reply has no Result YES or NO (got {exc.got!r})", raw=text)
     except ReplyParseError as exc:
         return Verdict(error=f"unparseable judge reply: {exc}", raw=text)
-    result, reason = _get(reply, "result"), _get(reply, "reason")
-    word = result.strip().strip(".").upper() if isinstance(result, str) else None
-    if word not in ("YES", "NO"):
-        return Verdict(error=f"judge reply has no Result YES or NO (got {result!r})", raw=text)
-    return Verdict(score=1.0 if word == "YES" else 0.0, reason=str(reason) if reason is not None else None)
+    return Verdict(score=1.0 if passed else 0.0, reason=_reason(reason))
 
 
 def parse_winner(text: str) -> tuple[str | None, str | None, str | None]:
@@ -142,15 +114,12 @@ def parse_winner(text: str) -> tuple[str | None, str | None, str | None]:
     ('A', 'B is wrong.', None)
     """
     try:
-        reply = _as_dict(text)
+        winner, reason = replies.parse_choice(text, "winner", WINNERS)
+    except replies.BadVerdict as exc:
+        return None, None, f"judge reply has no winner A, B or tie (got {exc.got!r})"
     except ReplyParseError as exc:
         return None, None, f"unparseable judge reply: {exc}"
-    winner, reason = _get(reply, "winner"), _get(reply, "reason")
-    word = winner.strip().strip(".").lower() if isinstance(winner, str) else None
-    names = {"a": "A", "b": "B", "tie": "tie"}
-    if word not in names:
-        return None, None, f"judge reply has no winner A, B or tie (got {winner!r})"
-    return names[word], str(reason) if reason is not None else None, None
+    return winner, _reason(reason), None
 
 
 def combine_orders(forward: str, backward_from_a: str) -> PairOutcome:
@@ -178,18 +147,20 @@ class Judge:
         self.schemas = {
             k: reply_schema(k, bounded_strings=bounded_strings) for k in ("score", "yesno", "pairwise")
         }
-        self.tokens: Counter[str] = Counter()
+        self.tokens: Counter[str] = Counter()  # TODO(#15): the stage reads `usage` instead, then drop this
+        self.usage = Usage()
 
     async def _ask(self, system: str, user: str, schema: dict[str, Any]) -> tuple[str | None, str | None]:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         try:
             reply = await self.llm.chat(
-                messages, max_tokens=JUDGE_MAX_TOKENS, temperature=0.0, json_schema=schema
+                messages, max_tokens=replies.MAX_TOKENS, temperature=0.0, json_schema=schema
             )
         except RequestFailed as exc:
             return None, f"judge request failed: {exc.reason}"
         self.tokens["prompt"] += reply.prompt_tokens
         self.tokens["completion"] += reply.completion_tokens
+        self.usage.add_reply(reply)
         return reply.text, None
 
     async def grade(self, question: str, reference: str, answer: str) -> Verdict:
