@@ -24,6 +24,7 @@ from typing import Any
 
 from doctune.config import Config
 from doctune.errors import FailureRateError, InputError
+from doctune.llm import gather
 from doctune.llm.base import LLM, Completion, RequestFailed, Usage
 from doctune.llm.cache import CachedLLM
 from doctune.llm.structured import ReplyParseError, parse_json_reply, text_pattern, validate
@@ -34,10 +35,6 @@ from doctune.runs import RunDir, StageRecord, atomic_write_jsonl, read_jsonl, sh
 log = logging.getLogger(__name__)
 
 STAGE = "generate"
-CHUNKS = "chunks.jsonl"
-QA_RAW = "qa_raw.jsonl"
-FAILURES = "generate_failures.jsonl"
-CACHE = "cache.sqlite"
 PROMPT_KEY = "question_prompt_template"
 # Strings under in-process decoding (see text_bound): at most this many characters, at least this few.
 MAX_TEXT_CHARS = 400
@@ -359,22 +356,14 @@ async def ask_all(
     """Every request in flight at once (the LLM bounds concurrency); outcomes in request order. A fatal
     LLMError cancels the rest: what was answered is already in the cache."""
 
-    async def indexed(i: int, req: Request) -> tuple[int, Outcome]:
-        return i, await ask(llm, req, max_tokens=max_tokens, temperature=temperature, provenance=provenance)
+    async def one(req: Request) -> Outcome:
+        return await ask(llm, req, max_tokens=max_tokens, temperature=temperature, provenance=provenance)
 
-    outcomes: list[Outcome | None] = [None] * len(requests)
-    tasks = [asyncio.create_task(indexed(i, req)) for i, req in enumerate(requests)]
-    try:
-        for next_done in asyncio.as_completed(tasks):
-            i, outcome = await next_done
-            outcomes[i] = outcome
-            tally.add(outcome)
-            progress.advance(1, **tally.bar_fields())
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return [o for o in outcomes if o is not None]
+    def count(outcome: Outcome) -> None:
+        tally.add(outcome)
+        progress.advance(1, **tally.bar_fields())
+
+    return await gather.ordered(one, requests, on_result=count)
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -440,9 +429,8 @@ def run(
     `llm` replaces the configured teacher (tests, library use); `use_cache=False` bypasses cache.sqlite.
     """
     gen = cfg.generate
-    run_dir = RunDir(cfg.run_path)
-    chunks_path = run_dir / CHUNKS
-    chunks = load_chunks(chunks_path)
+    run_dir = cfg.run_folder
+    chunks = load_chunks(run_dir.chunks)
     template = load_prompts(STAGE, cfg.path(gen.prompts) if gen.prompts else None)[PROMPT_KEY]
     teacher = cfg.model(gen.model)
     counts = allocate_questions([c["n_tokens"] for c in chunks], gen.total_questions)
@@ -456,11 +444,11 @@ def run(
 
     provenance = {"teacher": teacher.model, "prompt_sha256": sha256_text(template)}
     record = StageRecord(STAGE, config={"generate": gen.model_dump(), "teacher": teacher.model_dump()})
-    record.add_input(chunks_path, CHUNKS)
+    record.add_input(run_dir.chunks, run_dir.chunks.name)
     if llm is None:
         from doctune.llm.factory import build_llm
 
-        llm = build_llm(cfg, gen.model, use_cache=use_cache, cache_path=run_dir / CACHE)
+        llm = build_llm(cfg, gen.model, use_cache=use_cache, cache_path=run_dir.cache)
     log.info("%d chunks", len(chunks))
 
     tally = Tally()
@@ -484,8 +472,8 @@ def run(
 
     rows = [row for o in outcomes for row in o.rows]
     failures = [o.failure for o in outcomes if o.failure is not None]
-    atomic_write_jsonl(run_dir / QA_RAW, rows)
-    atomic_write_jsonl(run_dir / FAILURES, failures)
+    atomic_write_jsonl(run_dir.qa_raw, rows)
+    atomic_write_jsonl(run_dir.generate_failures, failures)
     record.counts = {
         "chunks": len(chunks),
         "questions_asked": sum(counts),
@@ -510,7 +498,7 @@ def run(
     if rate > gen.max_failure_rate:
         raise FailureRateError(
             f"{tally.failed} of {len(requests)} requests failed ({rate:.0%} > generate.max_failure_rate "
-            f"{gen.max_failure_rate:.0%}): see {run_dir / FAILURES}; fix the cause and run again "
+            f"{gen.max_failure_rate:.0%}): see {run_dir.generate_failures}; fix the cause and run again "
             "(answered requests come from the cache)"
         )
     return summary
@@ -530,10 +518,10 @@ def _summary(run_dir: RunDir, chunks: list, requests: list[Request], tally: Tall
     summary.add("completion tokens", tally.completion_tokens)
     summary.add("requests/s", f"{len(requests) / seconds:.1f}" if seconds else "-")
     summary.add("wall time", f"{seconds:.1f} s")
-    summary.outputs = [str(run_dir / QA_RAW), str(run_dir / FAILURES)]
+    summary.outputs = [str(run_dir.qa_raw), str(run_dir.generate_failures)]
     if tally.failed or tally.empty:
         summary.warnings.append(
-            f"{tally.failed + tally.empty} chunk(s) gave no pairs: see {run_dir / FAILURES} (raw replies kept)"
+            f"{tally.failed + tally.empty} chunk(s) gave no pairs: see {run_dir.generate_failures} (raw replies kept)"
         )
     if len(requests) < len(chunks):
         summary.warnings.append(

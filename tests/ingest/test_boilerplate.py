@@ -9,11 +9,12 @@ from pathlib import Path
 
 from doctune.config import build_config
 from doctune.ingest.readers import document_text
-from doctune.ingest.stage import REPORT, run
+from doctune.ingest.stage import run
 from doctune.runs import read_jsonl
 
 from .pdfs import paragraphs, wrap, write_pdf
 
+REPORT = "ingest_report.json"
 N_PAGES = 10
 ASIDE = "See also the appendix about valves and gauges."  # at the top of 2 of the 10 pages
 

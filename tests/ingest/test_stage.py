@@ -16,7 +16,7 @@ import pytest
 from doctune.config import build_config
 from doctune.errors import InputError
 from doctune.ingest.readers import PAGE_SEPARATOR, document_text
-from doctune.ingest.stage import REPORT, run
+from doctune.ingest.stage import run
 from doctune.runs import read_jsonl, sha256_file
 
 from .pdfs import (
@@ -312,6 +312,7 @@ def test_pdf_worker_processes_give_the_same_chunks(tmp_path):
         manifest = json.loads((tmp_path / f"run-{workers}" / "manifest.json").read_text())
         assert manifest["stages"]["ingest"]["notes"]["pdf_workers"] == workers
         outputs[workers] = [
-            (tmp_path / f"run-{workers}" / name).read_bytes() for name in ("chunks.jsonl", REPORT)
+            (tmp_path / f"run-{workers}" / name).read_bytes()
+            for name in ("chunks.jsonl", "ingest_report.json")
         ]
     assert outputs[1] == outputs[2]

@@ -43,8 +43,6 @@ from doctune.runs import RunDir, StageRecord, atomic_open, atomic_write_json, du
 
 log = logging.getLogger(__name__)
 
-CHUNKS = "chunks.jsonl"
-REPORT = "ingest_report.json"
 MAX_SUMMARY_WARNINGS = 20
 # Skips that are a choice, not a problem with the file: logged at INFO, not WARNING.
 _QUIET_REASONS = {"unsupported type", "duplicate"}
@@ -65,7 +63,7 @@ def run(cfg: Config, *, progress: Progress = NullProgress(), pdf_workers: int | 
     """
     # ---- setup
     data_dir = cfg.path(cfg.data.dir)
-    run_dir = RunDir(cfg.run_path)
+    run_dir = cfg.run_folder
     if not data_dir.is_dir():
         raise InputError(f"data.dir: {data_dir} is not a folder (set data.dir or pass --data-dir)")
     if run_dir.path.resolve() == data_dir.resolve():
@@ -92,7 +90,7 @@ def run(cfg: Config, *, progress: Progress = NullProgress(), pdf_workers: int | 
     try:
         with (
             PdfPagePool(workers) if workers > 1 else nullcontext() as pool,
-            atomic_open(run_dir / CHUNKS) as out,
+            atomic_open(run_dir.chunks) as out,
         ):
             pdf_index = {path: i for i, path in enumerate(pdfs)}
             for entry in entries:
@@ -118,7 +116,7 @@ def run(cfg: Config, *, progress: Progress = NullProgress(), pdf_workers: int | 
             totals["identical_chunks"] = sum(g["count"] - 1 for g in identical)
             # ---- write
             atomic_write_json(
-                run_dir / REPORT,
+                run_dir.ingest_report,
                 {
                     "data_dir": str(data_dir),
                     "counter": counter.name,
@@ -128,7 +126,7 @@ def run(cfg: Config, *, progress: Progress = NullProgress(), pdf_workers: int | 
                 },
             )
             if totals["documents"] == 0:
-                raise InputError(_nothing_read(data_dir, totals, run_dir / REPORT))
+                raise InputError(_nothing_read(data_dir, totals, run_dir.ingest_report))
     finally:
         progress.finish()
 
@@ -352,13 +350,13 @@ def _summary(
     summary.add("chunks identical to another", totals["identical_chunks"])
     summary.add("tokens in chunks", totals["tokens"])
     summary.add("token counter", counter)
-    summary.outputs = [str(run_dir / CHUNKS), str(run_dir / REPORT)]
+    summary.outputs = [str(run_dir.chunks), str(run_dir.ingest_report)]
     if identical:
         docs = sorted({d for g in identical for d in g["docs"]})
         named = ", ".join(docs[:3]) + (f" and {len(docs) - 3} more" if len(docs) > 3 else "")
         summary.warnings.append(
             f"{totals['identical_chunks']} chunk(s) repeat the text of another chunk word for word ({named}); "
-            f"they are listed under identical_chunks in {run_dir / REPORT}"
+            f"they are listed under identical_chunks in {run_dir.ingest_report}"
         )
     skipped = [r for r in report if r["status"] == "skipped"]
     for r in skipped[:MAX_SUMMARY_WARNINGS]:
@@ -366,7 +364,7 @@ def _summary(
         summary.warnings.append(f"skipped {r['path']}: {r['reason']}{detail}")
     if len(skipped) > MAX_SUMMARY_WARNINGS:
         summary.warnings.append(
-            f"... and {len(skipped) - MAX_SUMMARY_WARNINGS} more skipped file(s): see {run_dir / REPORT}"
+            f"... and {len(skipped) - MAX_SUMMARY_WARNINGS} more skipped file(s): see {run_dir.ingest_report}"
         )
     return summary
 
