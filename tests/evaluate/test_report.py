@@ -8,7 +8,6 @@ from doctune.evalset import EvalItem
 from doctune.evaluate import report, stage
 from doctune.evaluate.metrics import LexicalScorer
 from doctune.evaluate.report import fmt_difference, fmt_estimate, worst_items
-from doctune.reporting import NullProgress
 
 
 def row(index, candidate, score, outcome=None):
@@ -127,8 +126,19 @@ def lumen_summary(tmp_path, rows):
     )
     candidates = [stage.Candidate(n, "student", "hf", "unused", None) for n in ("finetuned", "base")]
     items = [EvalItem(i, q, a) for i, (q, a, _, _) in enumerate(LUMEN)]
-    state = stage._Run(cfg, items, candidates, None, "Answer.", {}, NullProgress(), False, tmp_path, False)
-    return stage.build_summary(state, rows, tmp_path / "eval_set.json", "0" * 64, "curate.system_prompt")
+    plan = stage.EvalPlan(
+        cfg=cfg,
+        eval_path=tmp_path / "eval_set.json",
+        eval_sha="0" * 64,
+        items=items,
+        candidates=candidates,
+        pair=None,
+        system_prompt="Answer.",
+        system_prompt_source="curate.system_prompt",
+        prompts={},
+        use_cache=False,
+    )
+    return stage.build_summary(plan, rows, pairs={})
 
 
 @pytest.fixture(scope="module")

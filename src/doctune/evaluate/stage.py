@@ -8,6 +8,10 @@ All candidates get the same system prompt (the one used in training: the adapter
 else curate.system_prompt), the same temperature and max_tokens, and answer in plain text. Every request goes
 through the run's cache, so a second run over the same cache sends nothing and writes the same summary.
 
+`run` reads as setup (`prepare`: an `EvalPlan`, everything checked before any request), work (`_evaluate`:
+the models answer, the judge grades, into an `EvalOutcome`) and write (`_write_outputs`, `_record`,
+`_stage_summary`).
+
 ```python
 from doctune.config import load_config
 from doctune.evaluate.stage import run
@@ -18,13 +22,12 @@ summary = run(load_config("doctune.yaml"))
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from doctune.adapters import AdapterDir
 from doctune.config import Config
 from doctune.errors import ConfigError, FailureRateError, InputError
 from doctune.evalset import EvalItem, load_eval_set
@@ -32,17 +35,14 @@ from doctune.evaluate import facts, report, stats
 from doctune.evaluate.judge import Judge, PairVerdict, Verdict
 from doctune.evaluate.metrics import LEXICAL_METRICS, SIMILARITY
 from doctune.evaluate.scoring import Scoring
-from doctune.llm.base import LLM, RequestFailed
+from doctune.llm.base import LLM, RequestFailed, Usage
 from doctune.prompts import load_prompts
 from doctune.reporting import NullProgress, Progress, Summary
-from doctune.runs import RunDir, StageRecord, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from doctune.runs import StageRecord, atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 STAGE = "eval"
-CACHE = "cache.sqlite"
-EVAL_DIR = "eval"
-FINETUNE_INFO = "doctune_finetune.json"
 MAX_RAW_CHARS = 500
 
 
@@ -52,15 +52,58 @@ class Candidate:
     model: str  # name in `models:`
     backend: str
     model_id: str
-    adapter: Path | None
+    adapter: AdapterDir | None
+
+    @property
+    def adapter_path(self) -> str | None:
+        return str(self.adapter.path) if self.adapter else None
 
     def describe(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "backend": self.backend,
             "model_id": self.model_id,
-            "adapter": str(self.adapter) if self.adapter else None,
+            "adapter": self.adapter_path,
         }
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What one eval asks and of whom, every part checked (setup's result; the work and the writing read it)."""
+
+    cfg: Config
+    eval_path: Path
+    eval_sha: str
+    items: list[EvalItem]
+    candidates: list[Candidate]
+    pair: tuple[str, str] | None  # eval.pairwise
+    system_prompt: str
+    system_prompt_source: str
+    prompts: dict[str, str]  # the judge's
+    use_cache: bool = True
+
+    @property
+    def similarity(self) -> bool:
+        return self.cfg.eval.similarity
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.candidates]
+
+
+@dataclass
+class EvalOutcome:
+    """What the work produces: a row per (candidate, item), the pairwise verdicts, tokens and failures."""
+
+    rows: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    pairs: dict[int, PairVerdict] = field(default_factory=dict)
+    answer_usage: Usage = field(default_factory=Usage)
+    judge_usage: Usage = field(default_factory=Usage)
+    failed: int = 0
+
+    def ordered_rows(self, plan: EvalPlan) -> list[dict[str, Any]]:
+        """results.jsonl's order: item by item, candidates in the config's order."""
+        return [self.rows[(c.name, i.index)] for i in plan.items for c in plan.candidates]
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -85,11 +128,11 @@ def resolve_candidates(cfg: Config) -> list[Candidate]:
                     ],
                     source="config",
                 )
-            adapter = cfg.path(adapter_ref)
-            if not (adapter / "adapter_config.json").is_file():
+            adapter = AdapterDir(cfg.path(adapter_ref))
+            if not adapter.exists():
                 raise InputError(
-                    f"{adapter}: no PEFT adapter here (eval.candidates.{name}.adapter); run `doctune finetune` "
-                    "first or remove the adapter from the candidate"
+                    f"{adapter.path}: no PEFT adapter here (eval.candidates.{name}.adapter); run `doctune "
+                    "finetune` first or remove the adapter from the candidate"
                 )
         model_id = cfg.model_source(mc.model) if mc.backend == "hf" else mc.model
         out.append(Candidate(name, cand.model, mc.backend, model_id, adapter))
@@ -117,22 +160,14 @@ def resolve_pair(cfg: Config, names: list[str]) -> tuple[str, str] | None:
 
 
 def training_system_prompt(cfg: Config, candidates: list[Candidate]) -> tuple[str, str]:
-    """(system prompt, where it came from): the training one recorded in an adapter folder, else
-    curate.system_prompt. Every candidate gets this same prompt."""
-    folders = [c.adapter for c in candidates if c.adapter is not None] + [cfg.run_path / "adapter"]
+    """(system prompt, where it came from): the training one recorded in an adapter folder (the candidates',
+    then the run's), else curate.system_prompt. Every candidate gets this same prompt."""
+    folders = [c.adapter for c in candidates if c.adapter is not None] + [cfg.run_folder.adapter]
     found: list[tuple[str, Path]] = []
-    for folder in dict.fromkeys(folders):
-        info = folder / FINETUNE_INFO
-        if not info.is_file():
-            continue
-        try:
-            prompt = json.loads(info.read_text(encoding="utf-8")).get("system_prompt")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            raise InputError(
-                f"{info}: not a JSON object; re-run `doctune finetune` to write it again"
-            ) from None
-        if isinstance(prompt, str):
-            found.append((prompt, info))
+    for folder in {f.path: f for f in folders}.values():
+        prompt = folder.system_prompt()
+        if prompt is not None:
+            found.append((prompt, folder.info_file))
     if not found:
         return cfg.curate.system_prompt, "curate.system_prompt"
     prompt, source = found[0]
@@ -146,40 +181,164 @@ def training_system_prompt(cfg: Config, candidates: list[Candidate]) -> tuple[st
     return prompt, str(source)
 
 
-# ------------------------------------------------------------------------------------------ run
+def prepare(cfg: Config, record: StageRecord, *, use_cache: bool = True) -> EvalPlan:
+    """Setup: everything that can be wrong fails here, before any request. Records the inputs in `record`."""
+    eval_path = cfg.path(cfg.eval.eval_set)
+    items = load_eval_set(eval_path)
+    candidates = resolve_candidates(cfg)
+    pair = resolve_pair(cfg, [c.name for c in candidates])
+    system_prompt, source = training_system_prompt(cfg, candidates)
+    prompts = load_prompts("eval", cfg.path(cfg.eval.prompts) if cfg.eval.prompts else None)
+    cfg.run_folder.ensure()
+    eval_sha = record.add_input(eval_path, "eval_set")
+    for cand in candidates:
+        if cand.adapter is not None and cand.adapter.weights.is_file():
+            record.add_input(cand.adapter.weights, f"adapter:{cand.name}")
+    record.config = cfg.eval.model_dump(mode="json")
+    return EvalPlan(
+        cfg=cfg,
+        eval_path=eval_path,
+        eval_sha=eval_sha,
+        items=items,
+        candidates=candidates,
+        pair=pair,
+        system_prompt=system_prompt,
+        system_prompt_source=source,
+        prompts=prompts,
+        use_cache=use_cache,
+    )
+
+
+# ------------------------------------------------------------------------------------------ work
 
 
 @dataclass
-class _Run:
-    """What the async part needs and fills in."""
+class EvalModels:
+    """The LLMs of one eval: one per candidate, and the judge's when there is one."""
 
-    cfg: Config
-    items: list[EvalItem]
-    candidates: list[Candidate]
-    pair: tuple[str, str] | None
-    system_prompt: str
-    prompts: dict[str, str]
-    progress: Progress
-    use_cache: bool
-    cache_path: Path
-    similarity: bool
+    candidates: dict[str, LLM] = field(default_factory=dict)
+    judge: LLM | None = None
+    in_process: list[LLM] = field(default_factory=list)  # hf backends: slow to load
 
-    def __post_init__(self) -> None:
-        self.rows: dict[tuple[str, int], dict[str, Any]] = {}
-        self.pairs: dict[int, PairVerdict] = {}
-        self.tokens: Counter[str] = Counter()
-        self.cached = 0
-        self.failed = 0
+    def all(self) -> list[LLM]:
+        return [*self.candidates.values(), *([self.judge] if self.judge is not None else [])]
+
+    def servers(self) -> list[LLM]:
+        return [llm for llm in self.all() if llm not in self.in_process]
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(llm.aclose() for llm in self.all()), return_exceptions=True)
 
 
-async def _answer(
-    run: _Run, llm: LLM, cand: Candidate, item: EvalItem, judge: Judge | None, scoring: Scoring
-) -> dict[str, Any]:
-    row: dict[str, Any] = {
+def _build_models(plan: EvalPlan, models: EvalModels) -> Judge | None:
+    """Fill `models` (filled as it goes, so whatever was built is closed if a later one fails); the judge."""
+    from doctune.llm.factory import build_llm
+
+    cfg, cache = plan.cfg, plan.cfg.run_folder.cache
+    for cand in plan.candidates:
+        llm = build_llm(
+            cfg, cand.model, adapter=cand.adapter_path, use_cache=plan.use_cache, cache_path=cache
+        )
+        models.candidates[cand.name] = llm
+        if cand.backend == "hf":
+            models.in_process.append(llm)
+    if cfg.eval.judge is None:
+        return None
+    models.judge = build_llm(cfg, cfg.eval.judge, use_cache=plan.use_cache, cache_path=cache)
+    judge_in_process = cfg.models[cfg.eval.judge].backend == "hf"
+    if judge_in_process:
+        models.in_process.append(models.judge)
+    return Judge(models.judge, plan.prompts, cfg.eval.judge_mode, bounded_strings=judge_in_process)
+
+
+class _Answering:
+    """The async work over the items: each candidate answers, the judge grades, and the pair is compared."""
+
+    def __init__(
+        self,
+        plan: EvalPlan,
+        models: EvalModels,
+        judge: Judge | None,
+        scoring: Scoring,
+        progress: Progress,
+        outcome: EvalOutcome,
+    ):
+        self.plan = plan
+        self.models = models
+        self.judge = judge
+        self.scoring = scoring
+        self.progress = progress
+        self.outcome = outcome
+
+    def total(self) -> int:
+        """Progress units: every answer, and every pairwise comparison."""
+        plan = self.plan
+        pairwise = len(plan.items) if plan.pair and self.judge else 0
+        return len(plan.items) * len(plan.candidates) + pairwise
+
+    async def all_items(self) -> None:
+        await asyncio.gather(*(self.item(item) for item in self.plan.items))
+
+    async def item(self, item: EvalItem) -> None:
+        rows = await asyncio.gather(*(self.answer(c, item) for c in self.plan.candidates))
+        pair, judge = self.plan.pair, self.judge
+        if pair is None or judge is None:
+            return
+        by_name = {r["candidate"]: r for r in rows}
+        a, b = by_name[pair[0]], by_name[pair[1]]
+        if a["answer"] is None or b["answer"] is None:
+            verdict = PairVerdict(outcome=None, error="an answer is missing")
+        else:
+            verdict = await judge.compare(item.question, item.answer, a["answer"], b["answer"])
+        self.outcome.pairs[item.index] = verdict
+        self._advance(failed=verdict.outcome is None)
+
+    async def answer(self, cand: Candidate, item: EvalItem) -> dict[str, Any]:
+        plan, outcome = self.plan, self.outcome
+        row = _empty_row(cand, item)
+        outcome.rows[(cand.name, item.index)] = row
+        messages = [
+            {"role": "system", "content": plan.system_prompt},
+            {"role": "user", "content": item.question},
+        ]
+        try:
+            reply = await self.models.candidates[cand.name].chat(
+                messages, max_tokens=plan.cfg.eval.max_tokens, temperature=plan.cfg.eval.temperature
+            )
+        except RequestFailed as exc:
+            row["answer_error"] = exc.reason
+            self.scoring.add(cand.name, item.index, None)
+            self._advance(failed=True)
+            return row
+        answer = reply.text.strip()
+        row.update(
+            answer=answer,
+            finish_reason=reply.finish_reason,
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+        )
+        outcome.answer_usage.add_reply(reply)
+        self.scoring.add(cand.name, item.index, answer)
+        failed = False
+        if self.judge is not None:
+            verdict = await self.judge.grade(item.question, item.answer, answer)
+            row["judge"] = _verdict_dict(verdict, plan.cfg.eval.judge_mode)
+            failed = verdict.error is not None
+        self._advance(failed=failed)
+        return row
+
+    def _advance(self, *, failed: bool) -> None:
+        self.outcome.failed += failed
+        self.progress.advance(1, failed=self.outcome.failed)
+
+
+def _empty_row(cand: Candidate, item: EvalItem) -> dict[str, Any]:
+    """A results.jsonl row before the candidate answers."""
+    return {
         "index": item.index,
         "candidate": cand.name,
         "model": cand.model_id,
-        "adapter": str(cand.adapter) if cand.adapter else None,
+        "adapter": cand.adapter_path,
         "question": item.question,
         "reference": item.answer,
         "answer": None,
@@ -189,36 +348,6 @@ async def _answer(
         "completion_tokens": None,
         "judge": None,  # {"mode", "score", "reason", "error", "raw"} once judged
     }
-    messages = [{"role": "system", "content": run.system_prompt}, {"role": "user", "content": item.question}]
-    try:
-        reply = await llm.chat(
-            messages, max_tokens=run.cfg.eval.max_tokens, temperature=run.cfg.eval.temperature
-        )
-    except RequestFailed as exc:
-        row["answer_error"] = exc.reason
-        run.failed += 1
-        scoring.add(cand.name, item.index, None)
-        run.progress.advance(1, failed=run.failed)
-        run.rows[(cand.name, item.index)] = row
-        return row
-    answer = reply.text.strip()
-    row.update(
-        answer=answer,
-        finish_reason=reply.finish_reason,
-        prompt_tokens=reply.prompt_tokens,
-        completion_tokens=reply.completion_tokens,
-    )
-    run.tokens["answer_prompt"] += reply.prompt_tokens
-    run.tokens["answer_completion"] += reply.completion_tokens
-    run.cached += reply.cached
-    scoring.add(cand.name, item.index, answer)
-    if judge is not None:
-        verdict = await judge.grade(item.question, item.answer, answer)
-        row["judge"] = _verdict_dict(verdict, run.cfg.eval.judge_mode)
-        run.failed += verdict.error is not None
-    run.progress.advance(1, failed=run.failed)
-    run.rows[(cand.name, item.index)] = row
-    return row
 
 
 def _verdict_dict(verdict: Verdict, mode: str) -> dict[str, Any]:
@@ -232,86 +361,54 @@ def _verdict_dict(verdict: Verdict, mode: str) -> dict[str, Any]:
     }
 
 
-async def _item(
-    run: _Run, llms: dict[str, LLM], item: EvalItem, judge: Judge | None, scoring: Scoring
-) -> None:
-    rows = await asyncio.gather(
-        *(_answer(run, llms[c.name], c, item, judge, scoring) for c in run.candidates)
-    )
-    if run.pair is None or judge is None:
-        return
-    by_name = {r["candidate"]: r for r in rows}
-    a, b = by_name[run.pair[0]], by_name[run.pair[1]]
-    if a["answer"] is None or b["answer"] is None:
-        verdict = PairVerdict(outcome=None, error="an answer is missing")
-    else:
-        verdict = await judge.compare(item.question, item.answer, a["answer"], b["answer"])
-    run.pairs[item.index] = verdict
-    run.failed += verdict.outcome is None
-    run.progress.advance(1, failed=run.failed)
-
-
-async def _evaluate(run: _Run) -> None:
-    from doctune.llm.factory import build_llm
-
-    cfg = run.cfg
-    llms: dict[str, LLM] = {}
-    in_process: list[LLM] = []  # hf backends: slow to load
-    scoring = Scoring(
-        [i.answer for i in run.items], [c.name for c in run.candidates], similarity=run.similarity
-    )
+async def _evaluate(plan: EvalPlan, progress: Progress) -> EvalOutcome:
+    """Work: load the models, answer and judge every item, score the answers; rows complete with metrics."""
+    outcome = EvalOutcome()
+    models = EvalModels()
+    scoring = Scoring([i.answer for i in plan.items], plan.names, similarity=plan.similarity)
     chart_libs = None
     try:
-        for cand in run.candidates:
-            adapter = str(cand.adapter) if cand.adapter else None
-            llms[cand.name] = build_llm(
-                cfg, cand.model, adapter=adapter, use_cache=run.use_cache, cache_path=run.cache_path
-            )
-            if cand.backend == "hf":
-                in_process.append(llms[cand.name])
-        judge = None
-        if cfg.eval.judge is not None:
-            judge_llm = build_llm(cfg, cfg.eval.judge, use_cache=run.use_cache, cache_path=run.cache_path)
-            llms["\0judge"] = judge_llm
-            judge_in_process = cfg.models[cfg.eval.judge].backend == "hf"
-            if judge_in_process:
-                in_process.append(judge_llm)
-            judge = Judge(judge_llm, run.prompts, cfg.eval.judge_mode, bounded_strings=judge_in_process)
+        judge = _build_models(plan, models)
         # servers answer a preflight at once: fail fast on them first; then load the metric models (rouge,
         # MiniLM) and the chart library in the background while in-process models load, one at a time (two
         # hf backends importing transformers at once can fail)
-        for llm in [x for x in llms.values() if x not in in_process]:
+        for llm in models.servers():
             await llm.preflight()
         scoring.start()
         chart_libs = asyncio.create_task(asyncio.to_thread(report.import_chart_libs))
-        for llm in in_process:
+        for llm in models.in_process:
             await llm.preflight()
-        total = len(run.items) * len(run.candidates) + (len(run.items) if run.pair and judge else 0)
-        run.progress.start("eval", total=total)
+        answering = _Answering(plan, models, judge, scoring, progress, outcome)
+        progress.start("eval", total=answering.total())
         try:
-            await asyncio.gather(*(_item(run, llms, item, judge, scoring) for item in run.items))
+            await answering.all_items()
         finally:
-            run.progress.finish()
+            progress.finish()
         metrics = await scoring.results()
         await chart_libs
         if judge is not None:
-            run.tokens["judge_prompt"] += judge.tokens["prompt"]
-            run.tokens["judge_completion"] += judge.tokens["completion"]
+            outcome.judge_usage = judge.usage
     finally:
         scoring.close()
         if chart_libs is not None:
             await asyncio.gather(chart_libs, return_exceptions=True)
-        await asyncio.gather(*(llm.aclose() for llm in llms.values()), return_exceptions=True)
-    for key, row in run.rows.items():
+        await models.aclose()
+    _complete_rows(plan, outcome, metrics)
+    return outcome
+
+
+def _complete_rows(plan: EvalPlan, outcome: EvalOutcome, metrics: dict[tuple[str, int], Any]) -> None:
+    """Each row gets its reference metrics, key facts, judge score and pairwise verdict."""
+    for key, row in outcome.rows.items():
         row["metrics"] = dict(metrics.get(key, {}))
         _add_facts(row)
         row["metrics"] = dict(sorted(row["metrics"].items()))
         judge_row = row.get("judge")
         if judge_row and judge_row["score"] is not None:
-            row["metrics"][_judge_metric(cfg)] = judge_row["score"]
-        verdict = run.pairs.get(row["index"])
-        if verdict is not None and row["candidate"] in run.pair:
-            row["pairwise"] = _pair_dict(verdict, row["candidate"], run.pair)
+            row["metrics"][_judge_metric(plan.cfg)] = judge_row["score"]
+        verdict = outcome.pairs.get(row["index"])
+        if verdict is not None and plan.pair is not None and row["candidate"] in plan.pair:
+            row["pairwise"] = _pair_dict(verdict, row["candidate"], plan.pair)
 
 
 def _add_facts(row: dict[str, Any]) -> None:
@@ -362,19 +459,20 @@ def _pair_dict(verdict: PairVerdict, candidate: str, pair: tuple[str, str]) -> d
 # ------------------------------------------------------------------------------------------ summary
 
 
-def build_summary(run: _Run, rows: list[dict[str, Any]], eval_path: Path, eval_sha: str, source: str) -> dict:
-    cfg = run.cfg
-    names = [c.name for c in run.candidates]
-    metric_names = [facts.KEY_FACTS, *LEXICAL_METRICS]  # facts first: style alone must not look like a win
-    if run.similarity:
-        metric_names.append(SIMILARITY)
+def _metric_names(plan: EvalPlan) -> list[str]:
+    cfg = plan.cfg
+    names = [facts.KEY_FACTS, *LEXICAL_METRICS]  # facts first: style alone must not look like a win
+    if plan.similarity:
+        names.append(SIMILARITY)
     if cfg.eval.judge is not None:
-        metric_names.append(_judge_metric(cfg))
-    judge = None
-    if cfg.eval.judge is not None:
-        jm = cfg.models[cfg.eval.judge]
-        judge = {"model": cfg.eval.judge, "model_id": jm.model, "mode": cfg.eval.judge_mode}
-    compared = run.pair or (tuple(names[:2]) if len(names) >= 2 else None)
+        names.append(_judge_metric(cfg))
+    return names
+
+
+def _failures(
+    plan: EvalPlan, rows: list[dict[str, Any]], pairs: dict[int, PairVerdict]
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """summary.json's `failures`, and the failed answers and missing judgements it counts."""
     failed_answers = [
         {"index": r["index"], "candidate": r["candidate"], "error": r["answer_error"]}
         for r in rows
@@ -386,14 +484,36 @@ def build_summary(run: _Run, rows: list[dict[str, Any]], eval_path: Path, eval_s
         if r.get("judge") and r["judge"]["error"] is not None
     ]
     judgements = sum(1 for r in rows if r.get("judge"))
-    pair_missing = sum(1 for v in run.pairs.values() if v.outcome is None)
-    units = len(rows) + judgements + len(run.pairs)
+    pair_missing = sum(1 for v in pairs.values() if v.outcome is None)
+    units = len(rows) + judgements + len(pairs)
     rate = (len(failed_answers) + len(missing) + pair_missing) / units if units else 0.0
+    failures = {
+        "answers": {n: sum(1 for f in failed_answers if f["candidate"] == n) for n in plan.names},
+        "answers_total": len(rows),
+        "judgements": judgements,
+        "missing_judgements": len(missing),
+        "rate": round(rate, stats.DIGITS),
+        "max_failure_rate": plan.cfg.eval.max_failure_rate,
+    }
+    return failures, failed_answers, missing
+
+
+def build_summary(plan: EvalPlan, rows: list[dict[str, Any]], pairs: dict[int, PairVerdict]) -> dict:
+    """summary.json: means with CIs per candidate, the paired comparison, pairwise verdicts, failures."""
+    cfg = plan.cfg
+    names = plan.names
+    metric_names = _metric_names(plan)
+    judge = None
+    if cfg.eval.judge is not None:
+        jm = cfg.models[cfg.eval.judge]
+        judge = {"model": cfg.eval.judge, "model_id": jm.model, "mode": cfg.eval.judge_mode}
+    compared = plan.pair or (tuple(names[:2]) if len(names) >= 2 else None)
+    failures, failed_answers, missing = _failures(plan, rows, pairs)
     summary: dict[str, Any] = {
-        "eval_set": {"path": str(eval_path), "sha256": eval_sha, "items": len(run.items)},
-        "candidates": {c.name: c.describe() for c in run.candidates},
-        "system_prompt": run.system_prompt,
-        "system_prompt_source": source,
+        "eval_set": {"path": str(plan.eval_path), "sha256": plan.eval_sha, "items": len(plan.items)},
+        "candidates": {c.name: c.describe() for c in plan.candidates},
+        "system_prompt": plan.system_prompt,
+        "system_prompt_source": plan.system_prompt_source,
         "decoding": {"temperature": cfg.eval.temperature, "max_tokens": cfg.eval.max_tokens},
         "judge": judge,
         "metric_names": metric_names,
@@ -401,14 +521,7 @@ def build_summary(run: _Run, rows: list[dict[str, Any]], eval_path: Path, eval_s
         "key_facts": _key_fact_counts(rows, names),
         "comparison": None,
         "pairwise": None,
-        "failures": {
-            "answers": {n: sum(1 for f in failed_answers if f["candidate"] == n) for n in names},
-            "answers_total": len(rows),
-            "judgements": judgements,
-            "missing_judgements": len(missing),
-            "rate": round(rate, stats.DIGITS),
-            "max_failure_rate": cfg.eval.max_failure_rate,
-        },
+        "failures": failures,
         "failed_answer_items": failed_answers,
         "missing_judgement_items": missing,
         "bootstrap": {"resamples": stats.RESAMPLES, "seed": stats.SEED, "confidence": stats.CONFIDENCE},
@@ -422,10 +535,82 @@ def build_summary(run: _Run, rows: list[dict[str, Any]], eval_path: Path, eval_s
             "metrics": stats.compare(rows, a, b, metric_names),
         }
         summary["comparison"]["style_without_facts"] = report.style_without_facts(summary)
-    if run.pair:
-        outcomes = [run.pairs[i.index].outcome for i in run.items if i.index in run.pairs]
-        summary["pairwise"] = {"a": run.pair[0], "b": run.pair[1], **stats.pairwise_summary(outcomes)}
+    if plan.pair:
+        outcomes = [pairs[i.index].outcome for i in plan.items if i.index in pairs]
+        summary["pairwise"] = {"a": plan.pair[0], "b": plan.pair[1], **stats.pairwise_summary(outcomes)}
     return summary
+
+
+# ------------------------------------------------------------------------------------------ write
+
+
+def _write_outputs(plan: EvalPlan, rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[Path]:
+    """results.jsonl, summary.json, report.md and report.html in {run_dir}/eval/, each written atomically."""
+    folder = plan.cfg.run_folder
+    comp = summary["comparison"]
+    worst = report.worst_items(rows, comp["a"], comp["b"], comp["ranking_metric"]) if comp else []
+    atomic_write_jsonl(folder.eval_results, rows)
+    atomic_write_json(folder.eval_summary, summary)
+    atomic_write_text(folder.eval_report_md, report.render_markdown(summary, worst))
+    page = report.render_html(summary, worst, report.bar_chart(summary), rows)
+    atomic_write_text(folder.eval_report_html, page)
+    return [folder.eval_results, folder.eval_summary, folder.eval_report_md, folder.eval_report_html]
+
+
+def total_usage(*usages: Usage) -> Usage:
+    """The token totals of several `Usage`s (answers and judge).
+
+    >>> total_usage(Usage(prompt_tokens=3, cached=1), Usage(prompt_tokens=4)).prompt_tokens
+    7
+    """
+    return Usage(**{f.name: sum(getattr(u, f.name) for u in usages) for f in fields(Usage)})
+
+
+def _record(plan: EvalPlan, outcome: EvalOutcome, summary: dict[str, Any], record: StageRecord) -> None:
+    """The stage's entry in manifest.json: counts, tokens (as every stage records them: Usage.tokens()), notes."""
+    failures = summary["failures"]
+    record.counts = {
+        "items": len(plan.items),
+        "candidates": len(plan.candidates),
+        "failed_answers": sum(failures["answers"].values()),
+        "missing_judgements": failures["missing_judgements"],
+        "pairwise_missing": summary["pairwise"]["missing"] if summary["pairwise"] else 0,
+        "cached_answers": outcome.answer_usage.cached,
+    }
+    record.tokens = total_usage(outcome.answer_usage, outcome.judge_usage).tokens()
+    record.notes = {
+        "system_prompt_source": plan.system_prompt_source,
+        "failure_rate": failures["rate"],
+        "tokens_answers": outcome.answer_usage.tokens(),
+        "tokens_judge": outcome.judge_usage.tokens(),
+    }
+    plan.cfg.run_folder.record(record)
+
+
+def _stage_summary(plan: EvalPlan, summary: dict[str, Any], outputs: list[Path]) -> Summary:
+    """The closing table and its warnings; FailureRateError when too much failed (everything is written)."""
+    cfg = plan.cfg
+    result = Summary(
+        title=f"eval: {len(plan.items)} items × {len(plan.candidates)} candidates",
+        rows=report.summary_rows(summary),
+        outputs=[str(p) for p in outputs],
+    )
+    comp = summary["comparison"]
+    if comp and comp["style_without_facts"]:
+        result.warnings.append(comp["style_without_facts"])
+    failures = summary["failures"]
+    if failures["missing_judgements"]:
+        result.warnings.append(
+            f"{failures['missing_judgements']} of {failures['judgements']} judgements are missing (failed or "
+            "unparseable judge replies); see report.md"
+        )
+    if failures["rate"] > cfg.eval.max_failure_rate:
+        raise FailureRateError(
+            f"eval: failure rate {failures['rate']:.3f} is above eval.max_failure_rate "
+            f"{cfg.eval.max_failure_rate}; everything is written to {cfg.run_folder.eval_dir} (see report.md, "
+            "Failures); re-run to retry failed requests"
+        )
+    return result
 
 
 # ------------------------------------------------------------------------------------------ stage
@@ -440,83 +625,20 @@ def run(
     """Evaluate every candidate of eval.candidates on eval.eval_set; write {run_dir}/eval/. `eval.prompts`
     replaces packaged judge prompts; `eval.similarity: false` skips the MiniLM similarity (its CPU cost is
     comparable to a small model's answers)."""
-    # setup: everything that can be wrong fails here, before any request
-    eval_path = cfg.path(cfg.eval.eval_set)
-    items = load_eval_set(eval_path)
-    candidates = resolve_candidates(cfg)
-    pair = resolve_pair(cfg, [c.name for c in candidates])
-    system_prompt, source = training_system_prompt(cfg, candidates)
-    run_dir = RunDir(cfg.run_path)
-    out_dir = run_dir.ensure() / EVAL_DIR
-    rec = StageRecord(STAGE)
-    eval_sha = rec.add_input(eval_path, "eval_set")
-    for cand in candidates:
-        weights = cand.adapter / "adapter_model.safetensors" if cand.adapter else None
-        if weights is not None and weights.is_file():
-            rec.add_input(weights, f"adapter:{cand.name}")
-    rec.config = cfg.eval.model_dump(mode="json")
-    state = _Run(
-        cfg=cfg,
-        items=items,
-        candidates=candidates,
-        pair=pair,
-        system_prompt=system_prompt,
-        prompts=load_prompts("eval", cfg.path(cfg.eval.prompts) if cfg.eval.prompts else None),
-        progress=progress,
-        use_cache=use_cache,
-        cache_path=run_dir / CACHE,
-        similarity=cfg.eval.similarity,
-    )
+    record = StageRecord(STAGE)
+    plan = prepare(cfg, record, use_cache=use_cache)
     log.info(
         "eval: %d items × %d candidates (%s), judge %s",
-        len(items),
-        len(candidates),
-        ", ".join(c.name for c in candidates),
+        len(plan.items),
+        len(plan.candidates),
+        ", ".join(plan.names),
         cfg.eval.judge or "none",
     )
 
-    # run
-    asyncio.run(_evaluate(state))
+    outcome = asyncio.run(_evaluate(plan, progress))
 
-    # write
-    rows = [state.rows[(c.name, i.index)] for i in items for c in candidates]
-    summary = build_summary(state, rows, eval_path, eval_sha, source)
-    comp = summary["comparison"]
-    worst = report.worst_items(rows, comp["a"], comp["b"], comp["ranking_metric"]) if comp else []
-    atomic_write_jsonl(out_dir / "results.jsonl", rows)
-    atomic_write_json(out_dir / "summary.json", summary)
-    atomic_write_text(out_dir / "report.md", report.render_markdown(summary, worst))
-    page = report.render_html(summary, worst, report.bar_chart(summary), rows)
-    atomic_write_text(out_dir / "report.html", page)
-    failures = summary["failures"]
-    rec.counts = {
-        "items": len(items),
-        "candidates": len(candidates),
-        "failed_answers": sum(failures["answers"].values()),
-        "missing_judgements": failures["missing_judgements"],
-        "pairwise_missing": summary["pairwise"]["missing"] if summary["pairwise"] else 0,
-        "cached_answers": state.cached,
-    }
-    rec.tokens = dict(state.tokens)
-    rec.notes = {"system_prompt_source": source, "failure_rate": failures["rate"]}
-    run_dir.record(rec)
-
-    result = Summary(
-        title=f"eval: {len(items)} items × {len(candidates)} candidates",
-        rows=report.summary_rows(summary),
-        outputs=[str(out_dir / n) for n in ("results.jsonl", "summary.json", "report.md", "report.html")],
-    )
-    if comp and comp["style_without_facts"]:
-        result.warnings.append(comp["style_without_facts"])
-    if failures["missing_judgements"]:
-        result.warnings.append(
-            f"{failures['missing_judgements']} of {failures['judgements']} judgements are missing (failed or "
-            "unparseable judge replies); see report.md"
-        )
-    if failures["rate"] > cfg.eval.max_failure_rate:
-        raise FailureRateError(
-            f"eval: failure rate {failures['rate']:.3f} is above eval.max_failure_rate "
-            f"{cfg.eval.max_failure_rate}; everything is written to {out_dir} (see report.md, Failures); "
-            "re-run to retry failed requests"
-        )
-    return result
+    rows = outcome.ordered_rows(plan)
+    summary = build_summary(plan, rows, outcome.pairs)
+    outputs = _write_outputs(plan, rows, summary)
+    _record(plan, outcome, summary, record)
+    return _stage_summary(plan, summary, outputs)
