@@ -15,9 +15,13 @@ import torch
 from safetensors.torch import load_file
 from tests.finetune.helpers import write_chat_data, yaml_config
 
+from doctune.adapters import ADAPTER_WEIGHTS, CHECKPOINTS_DIR, FINETUNE_INFO, LAST_DIR, METRICS
 from doctune.finetune import train
+from doctune.finetune.outputs import adapter_tensor_count
 
 pytestmark = pytest.mark.slow
+
+WEIGHTS = ADAPTER_WEIGHTS[0]  # adapter_model.safetensors
 
 
 def doctune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -57,25 +61,25 @@ def test_killed_run_resumes_to_the_same_adapter_as_an_uninterrupted_one(tiny_mod
     interrupted = tmp_path / "interrupted"
     proc = start("finetune", "-c", str(config), "--output-dir", str(interrupted), cwd=tmp_path)
     deadline = time.monotonic() + 300
-    while not train.checkpoints(interrupted / train.CHECKPOINTS_DIR) and proc.poll() is None:
+    while not train.checkpoints(interrupted / CHECKPOINTS_DIR) and proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (interrupted / train.INFO_FILE).exists(), "the run finished before it could be killed"
-    killed_at = train.checkpoints(interrupted / train.CHECKPOINTS_DIR)[-1].name
+    assert not (interrupted / FINETUNE_INFO).exists(), "the run finished before it could be killed"
+    killed_at = train.checkpoints(interrupted / CHECKPOINTS_DIR)[-1].name
 
     resumed = doctune(
         "finetune", "-c", str(config), "--output-dir", str(interrupted), "--resume", cwd=tmp_path
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    info = json.loads((interrupted / train.INFO_FILE).read_text())
+    info = json.loads((interrupted / FINETUNE_INFO).read_text())
     assert info["resumed_from"].endswith(killed_at) and info["training"]["steps"] == 40
-    weights = train.ADAPTER_WEIGHTS
+    weights = WEIGHTS
     assert equal_weights(interrupted / weights, tmp_path / "full" / weights)
-    assert equal_weights(interrupted / train.LAST_DIR / weights, tmp_path / "full" / train.LAST_DIR / weights)
-    full_metrics = json.loads((tmp_path / "full" / train.METRICS_FILE).read_text())
-    resumed_metrics = json.loads((interrupted / train.METRICS_FILE).read_text())
+    assert equal_weights(interrupted / LAST_DIR / weights, tmp_path / "full" / LAST_DIR / weights)
+    full_metrics = json.loads((tmp_path / "full" / METRICS).read_text())
+    resumed_metrics = json.loads((interrupted / METRICS).read_text())
     assert resumed_metrics["eval"] == full_metrics["eval"]
 
 
@@ -89,15 +93,15 @@ def test_two_processes_both_train_and_save_one_adapter(tiny_model_dir, tmp_path)
     result = doctune("finetune", "-c", str(config), "--nproc", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     adapter = run_dir / "adapter"
-    info = json.loads((adapter / train.INFO_FILE).read_text())
+    info = json.loads((adapter / FINETUNE_INFO).read_text())
     assert info["training"]["mode"] == "ddp" and info["training"]["world_size"] == 2
     ranks = info["training"]["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["batches"] == 8 and r["tokens"] > 0 for r in ranks)  # 2 epochs x 4 steps, each rank
     assert info["data"]["train_samples"] == 16 and info["training"]["steps"] == 8
-    checkpoint = train.checkpoints(adapter / train.CHECKPOINTS_DIR)[-1]
+    checkpoint = train.checkpoints(adapter / CHECKPOINTS_DIR)[-1]
     assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
-    assert train.adapter_tensor_count(adapter) > 0
+    assert adapter_tensor_count(adapter) > 0
     assert not list(adapter.glob("**/.best.partial"))
     assert result.stdout.count("wrote ") == 3  # one summary, from rank 0
 
@@ -106,10 +110,8 @@ def test_two_processes_both_train_and_save_one_adapter(tiny_model_dir, tmp_path)
     )
     one = doctune("finetune", "-c", str(single), "--output-dir", str(tmp_path / "single"), cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    ddp_losses = [r["loss"] for r in json.loads((adapter / train.METRICS_FILE).read_text())["train"]]
-    one_losses = [
-        r["loss"] for r in json.loads((tmp_path / "single" / train.METRICS_FILE).read_text())["train"]
-    ]
+    ddp_losses = [r["loss"] for r in json.loads((adapter / METRICS).read_text())["train"]]
+    one_losses = [r["loss"] for r in json.loads((tmp_path / "single" / METRICS).read_text())["train"]]
     assert ddp_losses == pytest.approx(one_losses, rel=1e-4)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from doctune.errors import ConfigError
-from doctune.finetune import attention, data, launch, train
+from doctune.finetune import attention, data, launch, outputs
 
 # Meta-Llama-3-8B-Instruct's tokenizer_config.json "chat_template", as published (JSON string escapes kept).
 LLAMA3_PUBLISHED = json.loads(
@@ -46,7 +46,7 @@ def marked_spans(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
     return spans
 
 
-@pytest.mark.parametrize("module", [data, attention, launch, train])
+@pytest.mark.parametrize("module", [data, attention, launch, outputs])
 def test_doctest_examples_hold(module):
     result = doctest.testmod(module)
     assert result.attempted > 0

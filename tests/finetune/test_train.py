@@ -10,8 +10,11 @@ import pytest
 import torch
 from tests.finetune.helpers import SYSTEM, finetune_config, write_chat_data
 
+from doctune.adapters import ADAPTER_WEIGHTS, BEST_DIR, CHECKPOINTS_DIR, FINETUNE_INFO, LAST_DIR, METRICS
 from doctune.errors import ConfigError, DoctuneError, InputError
 from doctune.finetune import train
+
+WEIGHTS = ADAPTER_WEIGHTS[0]  # adapter_model.safetensors
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -46,7 +49,7 @@ def test_adapter_folder_holds_a_standard_adapter_its_template_and_what_was_train
         tiny_model_dir
     ).chat_template
 
-    info = json.loads((adapter / train.INFO_FILE).read_text())
+    info = json.loads((adapter / FINETUNE_INFO).read_text())
     assert info["base_model"] == str(tiny_model_dir)
     assert info["system_prompt"] == SYSTEM
     assert info["chat_template"] == {"file": "chat_template.jinja", "source": "tokenizer"}
@@ -68,17 +71,17 @@ def test_adapter_folder_holds_a_standard_adapter_its_template_and_what_was_train
 
 def test_val_loss_and_perplexity_every_eval_steps_and_best_and_last_adapters_kept(trained):
     adapter = trained["adapter"]
-    metrics = json.loads((adapter / train.METRICS_FILE).read_text())
+    metrics = json.loads((adapter / METRICS).read_text())
     evals = metrics["eval"]
     assert [e["step"] for e in evals] == [2, 4, 6, 8]
     assert all(e["perplexity"] == pytest.approx(math.exp(e["loss"])) for e in evals)
     best = min(evals, key=lambda e: e["loss"])
     assert metrics["best"]["step"] == best["step"] and metrics["last"]["step"] == 8
-    checkpoints = adapter / train.CHECKPOINTS_DIR
-    weights = train.ADAPTER_WEIGHTS
+    checkpoints = adapter / CHECKPOINTS_DIR
+    weights = WEIGHTS
     assert same_tensors(adapter / weights, checkpoints / f"checkpoint-{best['step']}" / weights)
-    assert same_tensors(adapter / train.LAST_DIR / weights, checkpoints / "checkpoint-8" / weights)
-    assert (adapter / train.LAST_DIR / "chat_template.jinja").is_file()
+    assert same_tensors(adapter / LAST_DIR / weights, checkpoints / "checkpoint-8" / weights)
+    assert (adapter / LAST_DIR / "chat_template.jinja").is_file()
 
 
 def test_loss_falls_on_a_small_set_it_can_memorise(tiny_model_dir, tmp_path):
@@ -96,7 +99,7 @@ def test_loss_falls_on_a_small_set_it_can_memorise(tiny_model_dir, tmp_path):
         lora={"r": 16, "alpha": 32, "dropout": 0.0},
     )
     summary = train.run(cfg)
-    metrics = json.loads((run_dir / "adapter" / train.METRICS_FILE).read_text())
+    metrics = json.loads((run_dir / "adapter" / METRICS).read_text())
     losses = [row["loss"] for row in metrics["train"]]
     assert [row["step"] for row in metrics["train"]] == [10, 20, 30, 40, 50]
     assert losses[-1] < losses[0] - 0.5, losses
@@ -113,12 +116,12 @@ def test_from_adapter_continues_that_adapter_without_stacking_a_second(trained, 
     cfg = finetune_config(trained["run_dir"], trained["cfg"].models["student"].model, epochs=1, lora={"r": 2})
     out = tmp_path / "continued"
     train.run(cfg, output_dir=out, from_adapter=trained["adapter"])
-    original = tensors(trained["adapter"] / train.ADAPTER_WEIGHTS)
-    continued = tensors(out / train.ADAPTER_WEIGHTS)
+    original = tensors(trained["adapter"] / WEIGHTS)
+    continued = tensors(out / WEIGHTS)
     assert continued.keys() == original.keys()  # one adapter, same modules (no second one on top)
     assert all(continued[k].shape == original[k].shape for k in original)  # r=8 from the adapter, not r=2
     assert any(not torch.equal(continued[k], original[k]) for k in original)  # and it trained further
-    info = json.loads((out / train.INFO_FILE).read_text())
+    info = json.loads((out / FINETUNE_INFO).read_text())
     assert info["from_adapter"] == str(trained["adapter"]) and info["lora"]["r"] == 8
 
 
@@ -129,7 +132,7 @@ def test_unusable_conversations_are_skipped_and_reported(tiny_model_dir, tmp_pat
         f.write("{broken\n")
         f.write(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
     summary = train.run(finetune_config(run_dir, tiny_model_dir, epochs=1))
-    info = json.loads((run_dir / "adapter" / train.INFO_FILE).read_text())
+    info = json.loads((run_dir / "adapter" / FINETUNE_INFO).read_text())
     assert info["data"]["train_samples"] == 8 and info["data"]["skipped"] == 2
     assert any("train.jsonl:9" in w for w in summary.warnings)
     assert any("train.jsonl:10" in w for w in summary.warnings)
@@ -140,7 +143,7 @@ def test_no_trainable_conversation_fails_before_training(tiny_model_dir, tmp_pat
     write_chat_data(run_dir, n_train=4, n_val=1)
     with pytest.raises(InputError, match=r"no usable conversation.*max_length"):
         train.run(finetune_config(run_dir, tiny_model_dir, max_length=8))
-    assert not (run_dir / "adapter" / train.INFO_FILE).exists()  # no adapter written (the folder is claimed)
+    assert not (run_dir / "adapter" / FINETUNE_INFO).exists()  # no adapter written (the folder is claimed)
 
 
 def test_packing_trains_and_evaluates_at_eval_steps_and_at_the_end(tiny_model_dir, tmp_path):
@@ -157,10 +160,10 @@ def test_packing_trains_and_evaluates_at_eval_steps_and_at_the_end(tiny_model_di
         report_to=["tensorboard"],
     )
     train.run(cfg)
-    info = json.loads((run_dir / "adapter" / train.INFO_FILE).read_text())
+    info = json.loads((run_dir / "adapter" / FINETUNE_INFO).read_text())
     steps = info["training"]["steps"]
     assert 0 < steps < 4 * 24  # rows of several samples, not one sample per step
-    evals = json.loads((run_dir / "adapter" / train.METRICS_FILE).read_text())["eval"]
+    evals = json.loads((run_dir / "adapter" / METRICS).read_text())["eval"]
     expected = list(range(3, steps + 1, 3)) + ([steps] if steps % 3 else [])
     assert [e["step"] for e in evals] == expected
 
@@ -185,7 +188,7 @@ def test_template_that_renders_prefixes_inconsistently_stops_before_training(tin
     write_chat_data(run_dir, n_train=4, n_val=1)
     with pytest.raises(ConfigError, match=r"prefixes inconsistently.*\{% generation %\}"):
         train.run(finetune_config(run_dir, student))
-    assert not (run_dir / "adapter" / train.INFO_FILE).exists()  # no adapter written (the folder is claimed)
+    assert not (run_dir / "adapter" / FINETUNE_INFO).exists()  # no adapter written (the folder is claimed)
 
 
 def val_loss(model_dir: Path, adapter: Path, val_path: Path) -> float:
@@ -227,37 +230,35 @@ def overfit(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 def test_adapter_holds_the_lowest_val_loss_step_and_last_the_last_step(overfit, tiny_model_dir):
     out = overfit["val_loss"]
-    metrics = json.loads((out / train.METRICS_FILE).read_text())
+    metrics = json.loads((out / METRICS).read_text())
     best, last = metrics["best"], metrics["last"]
     assert (
         best["step"] < last["step"] == 24 and best["eval_loss"] < last["eval_loss"]
     )  # they differ in this run
     assert best["eval_loss"] == min(e["loss"] for e in metrics["eval"])
-    weights = train.ADAPTER_WEIGHTS
-    assert not same_tensors(out / weights, out / train.LAST_DIR / weights)
+    weights = WEIGHTS
+    assert not same_tensors(out / weights, out / LAST_DIR / weights)
     val = overfit["run_dir"] / "val.jsonl"
     assert val_loss(tiny_model_dir, out, val) == pytest.approx(best["eval_loss"], abs=1e-4)
-    assert val_loss(tiny_model_dir, out / train.LAST_DIR, val) == pytest.approx(last["eval_loss"], abs=1e-4)
-    info = json.loads((out / train.INFO_FILE).read_text())
-    assert (
-        info["select"] == "val_loss" and info["best"]["dir"] == "." and info["last"]["dir"] == train.LAST_DIR
-    )
-    assert not (out / train.BEST_DIR).exists()
+    assert val_loss(tiny_model_dir, out / LAST_DIR, val) == pytest.approx(last["eval_loss"], abs=1e-4)
+    info = json.loads((out / FINETUNE_INFO).read_text())
+    assert info["select"] == "val_loss" and info["best"]["dir"] == "." and info["last"]["dir"] == LAST_DIR
+    assert not (out / BEST_DIR).exists()
 
 
 def test_select_last_puts_the_last_step_in_the_adapter_and_the_best_in_best(overfit, tiny_model_dir):
     out, by_val_loss = overfit["last"], overfit["val_loss"]
-    weights = train.ADAPTER_WEIGHTS
+    weights = WEIGHTS
     # the same seed and data: the same training, only which adapter goes where differs
-    assert same_tensors(out / weights, by_val_loss / train.LAST_DIR / weights)
-    assert same_tensors(out / train.BEST_DIR / weights, by_val_loss / weights)
-    metrics = json.loads((out / train.METRICS_FILE).read_text())
+    assert same_tensors(out / weights, by_val_loss / LAST_DIR / weights)
+    assert same_tensors(out / BEST_DIR / weights, by_val_loss / weights)
+    metrics = json.loads((out / METRICS).read_text())
     val = overfit["run_dir"] / "val.jsonl"
     assert val_loss(tiny_model_dir, out, val) == pytest.approx(metrics["last"]["eval_loss"], abs=1e-4)
-    info = json.loads((out / train.INFO_FILE).read_text())
-    assert info["select"] == "last" and info["last"]["dir"] == "." and info["best"]["dir"] == train.BEST_DIR
-    assert not (out / train.LAST_DIR).exists()
-    assert (out / train.BEST_DIR / "chat_template.jinja").is_file()
+    info = json.loads((out / FINETUNE_INFO).read_text())
+    assert info["select"] == "last" and info["last"]["dir"] == "." and info["best"]["dir"] == BEST_DIR
+    assert not (out / LAST_DIR).exists()
+    assert (out / BEST_DIR / "chat_template.jinja").is_file()
 
 
 NO_CUDA = train.Hardware(cuda=False, bf16=False, bitsandbytes=False, flash_attention=False)

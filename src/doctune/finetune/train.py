@@ -1,18 +1,18 @@
 """`doctune finetune`: train.jsonl + val.jsonl + the student → a LoRA adapter in {run_dir}/adapter.
 
 transformers' Trainer + PEFT LoRA (plain Trainer, not TRL's SFTTrainer: faster in bench/finetune.py, and doctune
-does the chat rendering and masking itself). Reads top to bottom:
+does the chat rendering and masking itself). `run` reads top to bottom:
 
-- setup: check the settings against the hardware, render every conversation with the student's chat template
-  (data.py: assistant-only labels), load the student through doctune.models (a folder, a .gguf file or a hub
-  name; + 4/8-bit quantization on CUDA), add LoRA or continue an adapter, build a Trainer whose batches are
-  padding-free rows (attention.py keeps samples apart);
-- run: train with validation loss every `eval_steps` and at the end, checkpoints for `--resume`;
-- write: the adapter `finetune.select` chooses in the output dir (val_loss: the lowest-val-loss step's, the
-  default; last: the last step's), the other in `last/` or `best/`, each with the tokenizer and chat template,
-  plus metrics.json, doctune_finetune.json and the manifest entry.
+- setup (`_setup`): check the settings against the hardware, render every conversation with the student's chat
+  template (data.py: assistant-only labels), load the student through doctune.models (a folder, a .gguf file or
+  a hub name; + 4/8-bit quantization on CUDA), add LoRA or continue an adapter; `_build_trainer` makes a Trainer
+  (trainer.py) whose batches are padding-free rows (attention.py keeps samples apart);
+- work (`_train`): train with validation loss every `eval_steps` and at the end, checkpoints for `--resume`;
+- write (`_write`, outputs.py): the adapter `finetune.select` chooses in the output dir (val_loss: the
+  lowest-val-loss step's, the default; last: the last step's), the other in `last/` or `best/`, each with the
+  tokenizer and chat template, plus metrics.json, doctune_finetune.json and the manifest entry.
 
-Layout of the output dir (default {run_dir}/adapter):
+Layout of the output dir (default {run_dir}/adapter; doctune.adapters.AdapterDir names each file):
   adapter_config.json, adapter_model.safetensors   the chosen adapter: PeftModel / vLLM --lora-modules
   tokenizer files, chat_template.jinja              the template the adapter was trained with
   doctune_finetune.json, metrics.json               what was trained, how, and how it went
@@ -24,44 +24,33 @@ Layout of the output dir (default {run_dir}/adapter):
 from __future__ import annotations
 
 import importlib.util
-import inspect
+import json
 import logging
-import math
-import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from doctune import models
+from doctune.adapters import ADAPTER_CONFIG, CHECKPOINTS_DIR, FINETUNE_INFO, TRAINER_STATE, AdapterDir
 from doctune.config import Config, FinetuneConfig
 from doctune.errors import ConfigError, DoctuneError, InputError
-from doctune.finetune import data
+from doctune.finetune import data, outputs
+from doctune.finetune import trainer as trainer_parts
 from doctune.finetune.launch import DistInfo, dist_info
 from doctune.reporting import NullProgress, Progress, Summary
-from doctune.runs import (
-    RunDir,
-    StageRecord,
-    atomic_write_json,
-    check_output_dir,
-    make_dir,
-    mark_output_dir,
-    sha256_file,
-)
+from doctune.runs import RunDir, check_output_dir, make_dir, mark_output_dir
 
 log = logging.getLogger(__name__)
 
-INFO_FILE = "doctune_finetune.json"
-METRICS_FILE = "metrics.json"
-LAST_DIR = "last"
-BEST_DIR = "best"
-CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+# names tests/test_interrupt.py reads from this module (CHECKPOINTS_DIR and `checkpoints` too)
+INFO_FILE = FINETUNE_INFO
+adapter_tensor_count = outputs.adapter_tensor_count
 
 
 # ---------------------------------------------------------------- settings vs hardware
@@ -156,38 +145,66 @@ def quantization_config(kind: str, compute_dtype: Any) -> Any:
 
 
 def checkpoints(folder: Path) -> list[Path]:
-    """Complete Trainer checkpoints in `folder`, oldest first. trainer_state.json is the last file a checkpoint
-    gets, so a checkpoint cut short by a kill is not counted."""
+    """Complete Trainer checkpoints in `folder`, oldest first (see `checkpoint_complete`)."""
+    return [path for path in _checkpoint_dirs(folder) if checkpoint_complete(path)]
+
+
+def _checkpoint_dirs(folder: Path) -> list[Path]:
+    """Every checkpoint-N folder in `folder`, complete or not, by step."""
     if not folder.is_dir():
         return []
     found = []
     for path in folder.iterdir():
         match = _CHECKPOINT.match(path.name)
-        if match and path.is_dir() and (path / "trainer_state.json").is_file():
+        if match and path.is_dir():
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
 
 
-def _resume_point(out: Path, resume: bool, overwrite: bool, from_adapter: Path | None) -> Path | None:
+def checkpoint_complete(path: Path) -> bool:
+    """Whether the Trainer finished writing checkpoint `path`. trainer_state.json is the last file a checkpoint
+    gets (written in place, not renamed): a kill during the save leaves it missing or cut short. The adapter
+    weights must also be whole (a safetensors file that covers its header's tensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        with safe_open(str(AdapterDir(path).weights), framework="pt") as f:
+            f.keys()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
+
+
+def _resume_point(
+    out: AdapterDir, resume: bool, overwrite: bool, from_adapter: AdapterDir | None
+) -> Path | None:
     if resume and from_adapter is not None:
         raise DoctuneError(
             "--resume continues the interrupted run in the output dir, --from-adapter starts a new one from an "
             "adapter: pass only one"
         )
-    existing = checkpoints(out / CHECKPOINTS_DIR)
+    existing = checkpoints(out.checkpoints)
     if resume:
         if not existing:
-            log.warning(
-                "--resume: no complete checkpoint in %s; training from the start", out / CHECKPOINTS_DIR
-            )
+            log.warning("--resume: no complete checkpoint in %s; training from the start", out.checkpoints)
             return None
         return existing[-1]
-    if (existing or (out / INFO_FILE).exists()) and not overwrite:
+    if (existing or out.info_file.exists()) and not overwrite:
         raise DoctuneError(
-            f"{out}: holds an adapter or checkpoints of an earlier run; pass --resume to continue it, "
+            f"{out.path}: holds an adapter or checkpoints of an earlier run; pass --resume to continue it, "
             "--overwrite to start over, or --output-dir for a new folder"
         )
     return None
+
+
+def _discard_incomplete_checkpoints(out: AdapterDir) -> None:
+    """Remove the checkpoints a killed run left half-written: the Trainer writes them again, and its rotation
+    must not count one as a checkpoint meanwhile."""
+    for path in _checkpoint_dirs(out.checkpoints):
+        if not checkpoint_complete(path):
+            log.warning("%s: cut short (the run was stopped while saving it); removed", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- data
@@ -245,7 +262,12 @@ def _items(samples: list[dict[str, Any]], packing: bool, max_length: int) -> lis
 
 
 def _load_student(
-    source: str, dtype: Any, fcfg: FinetuneConfig, hw: Hardware, dist: DistInfo, from_adapter: Path | None
+    source: str,
+    dtype: Any,
+    fcfg: FinetuneConfig,
+    hw: Hardware,
+    dist: DistInfo,
+    from_adapter: AdapterDir | None,
 ) -> tuple[Any, str]:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -269,7 +291,7 @@ def _load_student(
 
     if from_adapter is not None:
         try:
-            model = models.load_adapter(model, from_adapter, is_trainable=True, base=source)
+            model = models.load_adapter(model, from_adapter.path, is_trainable=True, base=source)
         except InputError as exc:
             raise InputError(f"--from-adapter: {exc}") from None
     else:
@@ -306,145 +328,6 @@ def linear_layer_names(model: Any) -> list[str]:
     )
 
 
-def _accepts_logits_mask(model: Any) -> bool:
-    """Whether the model's forward slices hidden states with a boolean `logits_to_keep` (transformers 5 models
-    do through `slice_logits_to_keep`); if not, logits are computed everywhere and selected after."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    module = sys.modules.get(type(base).__module__)
-    try:
-        return module is not None and "slice_logits_to_keep" in inspect.getsource(module)
-    except (OSError, TypeError):
-        return False
-
-
-# ---------------------------------------------------------------- trainer
-
-
-def _make_trainer_class() -> type:
-    import torch
-    import torch.nn.functional as F
-    from transformers import Trainer
-
-    class AssistantLossTrainer(Trainer):
-        """Trainer whose loss covers assistant tokens only, with lm_head run on those positions alone."""
-
-        logits_mask = True
-        batches_seen = 0
-        tokens_seen = 0
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            labels = inputs["labels"]
-            targets = labels[:, 1:]
-            keep = torch.zeros_like(labels, dtype=torch.bool)
-            keep[:, :-1] = targets != data.IGNORE_INDEX
-            forward = {
-                "input_ids": inputs["input_ids"],
-                "position_ids": inputs["position_ids"],
-                "use_cache": False,
-            }
-            if self.logits_mask:
-                outputs = model(**forward, logits_to_keep=keep)
-                logits = outputs.logits
-            else:
-                outputs = model(**forward)
-                logits = outputs.logits[keep]
-            loss = F.cross_entropy(logits.float(), targets[targets != data.IGNORE_INDEX], reduction="sum")
-            if num_items_in_batch is None:
-                loss = loss / max(1, int(keep.sum()))
-            else:
-                loss = loss / num_items_in_batch
-                if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                    loss = loss * self.accelerator.num_processes
-            if model.training:
-                self.batches_seen += 1
-                self.tokens_seen += int(inputs["input_ids"].numel())
-            return (loss, outputs) if return_outputs else loss
-
-    return AssistantLossTrainer
-
-
-def _progress_callback(progress: Progress) -> Any:
-    from transformers import TrainerCallback
-
-    class ProgressCallback(TrainerCallback):
-        """Feeds doctune's Progress: one step per optimizer step, with train loss, val loss and tokens/s."""
-
-        def __init__(self) -> None:
-            self.fields: dict[str, Any] = {}
-            self.t0 = 0.0
-            self.tokens0 = 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
-                progress.start("finetune", total=state.max_steps)
-                if state.global_step:
-                    progress.advance(state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.fields["loss"] = f"{logs['loss']:.3f}"
-
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            if metrics and "eval_loss" in metrics:
-                self.fields["val"] = f"{metrics['eval_loss']:.3f}"
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if not state.is_world_process_zero:
-                return
-            elapsed = time.perf_counter() - self.t0
-            if elapsed > 0:
-                self.fields["tok/s"] = f"{(state.num_input_tokens_seen - self.tokens0) / elapsed:,.0f}"
-            progress.advance(1, **self.fields)
-
-    return ProgressCallback()
-
-
-def _training_args(
-    fcfg: FinetuneConfig, out: Path, hw: Hardware, dist: DistInfo, has_val: bool, dtype: Any
-) -> Any:
-    import torch
-    from transformers import TrainingArguments
-
-    report_to = [r for r in fcfg.report_to if r not in ("none", "tensorboard")] or "none"
-    fsdp: dict[str, Any] = {}
-    if fcfg.fsdp is not None:
-        fsdp = {"fsdp": f"{fcfg.fsdp} auto_wrap", "fsdp_config": {"state_dict_type": "FULL_STATE_DICT"}}
-    return TrainingArguments(
-        output_dir=str(out / CHECKPOINTS_DIR),
-        per_device_train_batch_size=fcfg.batch_size,
-        per_device_eval_batch_size=fcfg.batch_size,
-        gradient_accumulation_steps=fcfg.gradient_accumulation_steps,
-        num_train_epochs=fcfg.epochs,
-        learning_rate=fcfg.lr,
-        logging_steps=max(1, min(10, fcfg.eval_steps)),
-        eval_strategy="steps" if has_val else "no",
-        eval_steps=fcfg.eval_steps,
-        save_strategy="steps",
-        save_steps=fcfg.eval_steps,
-        # 2, not 1: rotation always keeps the best and the newest checkpoint, but with a limit of 1 Trainer deletes
-        # the last checkpoint after training when it is not the best, and last/ would get the best weights
-        save_total_limit=2,
-        load_best_model_at_end=has_val and fcfg.select == "val_loss",
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        prediction_loss_only=True,
-        report_to=report_to,
-        seed=fcfg.seed,
-        data_seed=fcfg.seed,
-        use_cpu=not hw.cuda,
-        bf16=hw.cuda and dtype == torch.bfloat16,
-        fp16=hw.cuda and dtype == torch.float16,
-        ddp_backend=None if hw.cuda or not dist.distributed else "gloo",
-        ddp_find_unused_parameters=False,
-        remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        **fsdp,
-    )
-
-
 # ---------------------------------------------------------------- the stage
 
 
@@ -460,86 +343,172 @@ def run(
     """Fine-tune the student on {run_dir}/train.jsonl (validated on val.jsonl) into `output_dir`
     (default {run_dir}/adapter). `resume`: continue from the last checkpoint there. `from_adapter`: continue
     training that adapter instead of a new LoRA. `overwrite`: replace an earlier run's adapter and checkpoints."""
-    # ---- setup
     t0 = time.perf_counter()
-    fcfg = cfg.finetune
-    model_cfg = cfg.models[fcfg.model]
-    out = Path(output_dir) if output_dir is not None else cfg.run_path / "adapter"
-    from_adapter = Path(from_adapter) if from_adapter is not None else None
-    check_output_dir(  # first: a wrong --output-dir is reported at once
-        out,
-        "--output-dir",
-        keep=[cfg.base_dir, *([from_adapter] if from_adapter else [])],
-        # ingest skips the run dir, also inside the data folder; anywhere else there, it would read the adapter
-        not_inside=[] if cfg.run_path.resolve() in out.resolve().parents else [cfg.path(cfg.data.dir)],
-        ours=[INFO_FILE, CHECKPOINTS_DIR],
-    )
-    from transformers import PrinterCallback, set_seed
+    # ---- setup
+    setup = _setup(cfg, output_dir, resume, from_adapter, overwrite)
+    trainer = _build_trainer(setup, progress)
+    # ---- work
+    result = _train(trainer, setup.checkpoint, progress)
+    # ---- write
+    return _write(setup, trainer, result, t0)
 
-    dist = dist_info()
-    hw = preflight(cfg)
-    checkpoint = _resume_point(out, resume, overwrite, from_adapter)
-    if from_adapter is not None and not (from_adapter / "adapter_config.json").is_file():
+
+@dataclass
+class Setup:
+    """What `run` sets up before training: where it writes, what it resumes, the data and the model."""
+
+    cfg: Config
+    out: AdapterDir
+    from_adapter: AdapterDir | None
+    checkpoint: Path | None  # resumed from
+    dist: DistInfo
+    hw: Hardware
+    source: str  # the student as models.load_* take it
+    tokenizer: Any
+    template_source: str
+    train: Split
+    val: Split
+    warnings: list[str]
+    dtype: Any
+    model: Any
+    attention: str
+
+    @property
+    def mode_info(self) -> dict[str, Any]:
+        return {
+            "device": "cuda" if self.hw.cuda else "cpu",
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "attention": self.attention,
+        }
+
+
+def _setup(
+    cfg: Config, output_dir: str | Path | None, resume: bool, from_adapter: str | Path | None, overwrite: bool
+) -> Setup:
+    fcfg = cfg.finetune
+    out = AdapterDir(output_dir) if output_dir is not None else cfg.run_folder.adapter
+    base_adapter = AdapterDir(from_adapter) if from_adapter is not None else None
+    _check_output_dir(cfg, out, base_adapter)  # first: a wrong --output-dir is reported at once
+    dist, hw = dist_info(), preflight(cfg)
+    checkpoint = _resume_point(out, resume, overwrite, base_adapter)
+    if base_adapter is not None and not base_adapter.exists():
         raise InputError(
-            f"--from-adapter {from_adapter}: no adapter_config.json there (give an adapter folder)"
+            f"--from-adapter {base_adapter.path}: no {ADAPTER_CONFIG} there (give an adapter folder)"
         )
     if dist.is_main:
-        mark_output_dir(make_dir(out), "finetune")
-    source = cfg.model_source(model_cfg.model)
+        mark_output_dir(make_dir(out.path), "finetune")
+        _discard_incomplete_checkpoints(out)
+    source = _student_source(cfg)
+    tokenizer, template_source = _load_tokenizer(source, base_adapter)
+    train, val, warnings = _load_data(
+        cfg.run_folder, tokenizer, fcfg.max_length, cfg.models[fcfg.model].model
+    )
+
+    from transformers import set_seed
+
+    set_seed(fcfg.seed)
+    dtype = models.resolve_dtype(cfg.models[fcfg.model].dtype, "cuda" if hw.cuda else "cpu")
+    model, attention = _load_student(source, dtype, fcfg, hw, dist, base_adapter)
+    if overwrite and dist.is_main:
+        shutil.rmtree(out.checkpoints, ignore_errors=True)
+    return Setup(
+        cfg=cfg,
+        out=out,
+        from_adapter=base_adapter,
+        checkpoint=checkpoint,
+        dist=dist,
+        hw=hw,
+        source=source,
+        tokenizer=tokenizer,
+        template_source=template_source,
+        train=train,
+        val=val,
+        warnings=warnings,
+        dtype=dtype,
+        model=model,
+        attention=attention,
+    )
+
+
+def _check_output_dir(cfg: Config, out: AdapterDir, from_adapter: AdapterDir | None) -> None:
+    check_output_dir(
+        out.path,
+        "--output-dir",
+        keep=[cfg.base_dir, *([from_adapter.path] if from_adapter is not None else [])],
+        # ingest skips the run dir, also inside the data folder; anywhere else there, it would read the adapter
+        not_inside=[] if cfg.run_path.resolve() in out.path.resolve().parents else [cfg.path(cfg.data.dir)],
+        ours=[FINETUNE_INFO, CHECKPOINTS_DIR],
+    )
+
+
+def _student_source(cfg: Config) -> str:
+    model_cfg = cfg.models[cfg.finetune.model]
     if model_cfg.adapter is not None:
         log.warning(
-            "models.%s.adapter is ignored by finetune; use --from-adapter to continue an adapter", fcfg.model
+            "models.%s.adapter is ignored by finetune; use --from-adapter to continue an adapter",
+            cfg.finetune.model,
         )
+    return cfg.model_source(model_cfg.model)
 
-    has_tokenizer = from_adapter is not None and (from_adapter / "tokenizer_config.json").is_file()
-    tokenizer_source = str(from_adapter) if has_tokenizer else source
+
+def _load_tokenizer(source: str, from_adapter: AdapterDir | None) -> tuple[Any, str]:
+    """The tokenizer (the adapter's when it was saved with one) with its training chat template set, and where
+    that template came from."""
+    tokenizer_source = source
+    if from_adapter is not None and from_adapter.has_tokenizer():
+        tokenizer_source = str(from_adapter.path)
     try:
         tokenizer = models.load_tokenizer(tokenizer_source)
     except InputError as exc:
         raise InputError(f"finetune.model: {exc}") from None
     template, template_source = data.training_template(tokenizer)
     tokenizer.chat_template = template
+    return tokenizer, template_source
 
-    train = _load_split("train", cfg.run_path / "train.jsonl", tokenizer, template, fcfg.max_length)
-    val_path = cfg.run_path / "val.jsonl"
+
+def _load_data(
+    run: RunDir, tokenizer: Any, max_length: int, model_name: str
+) -> tuple[Split, Split, list[str]]:
+    """train.jsonl and val.jsonl tokenized (val may be missing), and the warnings for the summary."""
+    template = tokenizer.chat_template
+    train = _load_split("train", run.train, tokenizer, template, max_length)
     val = (
-        _load_split("val", val_path, tokenizer, template, fcfg.max_length)
-        if val_path.is_file()
-        else Split("val", val_path, [], [], 0, [])
+        _load_split("val", run.val, tokenizer, template, max_length)
+        if run.val.is_file()
+        else Split("val", run.val, [], [], 0, [])
     )
     for problem in train.problems + val.problems:
         log.warning(problem)
     if not train.samples:
         first = train.problems[0] if train.problems else "the file has no conversations"
         raise InputError(f"{train.path}: no usable conversation ({first})")
-    warnings = _template_warnings(tokenizer, template, model_cfg.model)
+    warnings = _template_warnings(tokenizer, template, model_name)
     if not val.samples:
-        warnings.append(f"{val_path}: no validation conversations; no val loss, the last adapter is the best")
+        warnings.append(f"{run.val}: no validation conversations; no val loss, the last adapter is the best")
+    return train, val, warnings
 
-    set_seed(fcfg.seed)
-    dtype = models.resolve_dtype(model_cfg.dtype, "cuda" if hw.cuda else "cpu")
-    model, attn = _load_student(source, dtype, fcfg, hw, dist, from_adapter)
-    trainer_cls = _make_trainer_class()
-    callbacks = [_progress_callback(progress)]
-    if "tensorboard" in fcfg.report_to and dist.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
 
-        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))))
-    if overwrite and dist.is_main:
-        shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
-    trainer = trainer_cls(
-        model=model,
-        args=_training_args(fcfg, out, hw, dist, bool(val.samples), dtype),
-        train_dataset=_items(train.samples, fcfg.packing, fcfg.max_length),
-        eval_dataset=_items(val.samples, fcfg.packing, fcfg.max_length) if val.samples else None,
+def _build_trainer(s: Setup, progress: Progress) -> Any:
+    from transformers import PrinterCallback
+
+    fcfg = s.cfg.finetune
+    callbacks = [trainer_parts.progress_callback(progress)]
+    if "tensorboard" in fcfg.report_to and s.dist.is_main:
+        callbacks.append(trainer_parts.tensorboard_callback(s.out.path / TENSORBOARD_DIR))
+    trainer = trainer_parts.make_trainer_class()(
+        model=s.model,
+        args=trainer_parts.training_args(
+            fcfg, s.out.checkpoints, cuda=s.hw.cuda, dist=s.dist, has_val=bool(s.val.samples), dtype=s.dtype
+        ),
+        train_dataset=_items(s.train.samples, fcfg.packing, fcfg.max_length),
+        eval_dataset=_items(s.val.samples, fcfg.packing, fcfg.max_length) if s.val.samples else None,
         data_collator=data.FlatCollator(),
-        processing_class=tokenizer,
+        processing_class=s.tokenizer,
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log line; doctune's Progress shows them
-    trainer.logits_mask = _accepts_logits_mask(model)
-    mode = "fsdp" if trainer.is_fsdp_enabled else ("ddp" if dist.distributed else "single")
+    trainer.logits_mask = trainer_parts.accepts_logits_mask(s.model)
+    mode = trainer_parts.training_mode(trainer, s.dist)
     if fcfg.fsdp is not None and mode != "fsdp":
         raise ConfigError(
             [
@@ -549,53 +518,53 @@ def run(
         )
     log.info(
         "rank %d/%d: %s training on %s (%s, attention %s), %d train / %d val samples",
-        dist.rank,
-        dist.world_size,
+        s.dist.rank,
+        s.dist.world_size,
         mode,
-        "cuda" if hw.cuda else "cpu",
-        str(dtype).removeprefix("torch."),
-        attn,
-        len(train.samples),
-        len(val.samples),
+        *s.mode_info.values(),
+        len(s.train.samples),
+        len(s.val.samples),
     )
+    return trainer
 
-    # ---- run
+
+def _train(trainer: Any, checkpoint: Path | None, progress: Progress) -> Any:
     try:
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         progress.finish()
-    if trainer.is_fsdp_enabled:
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    staging = out / ".best.partial"
-    if dist.is_main:
-        shutil.rmtree(staging, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))  # every rank takes part (FSDP gathers); rank 0 writes
-    ranks = _gather_rank_counts(trainer, dist)
+
+
+def _write(s: Setup, trainer: Any, result: Any, t0: float) -> Summary:
+    """Every rank saves the chosen adapter (FSDP gathers) and reports its counts; rank 0 writes the outputs."""
+    staging = outputs.stage_chosen(trainer, s.out, s.dist)
+    ranks = trainer_parts.gather_rank_counts(trainer, s.dist)
     summary = Summary(title="finetune")
-    if dist.is_main:
-        summary = _write_outputs(
-            cfg=cfg,
-            out=out,
-            staging=staging,
-            trainer=trainer,
-            result=result,
-            train=train,
-            val=val,
-            source=source,
-            from_adapter=from_adapter,
-            checkpoint=checkpoint,
-            template_source=template_source,
-            info_extra={
-                "mode": mode,
-                "world_size": dist.world_size,
-                "device": "cuda" if hw.cuda else "cpu",
-                "dtype": str(dtype).removeprefix("torch."),
-                "attention": attn,
-                "ranks": ranks,
-            },
-            warnings=warnings,
-            wall_s=time.perf_counter() - t0,
+    if s.dist.is_main:
+        setup = {
+            "mode": trainer_parts.training_mode(trainer, s.dist),
+            "world_size": s.dist.world_size,
+            **s.mode_info,
+            "ranks": ranks,
+        }
+        summary = outputs.write(
+            outputs.Trained(
+                cfg=s.cfg,
+                out=s.out,
+                staging=staging,
+                state=trainer.state,
+                result_metrics=result.metrics,
+                lora=trainer.model.peft_config["default"],
+                train=s.train,
+                val=s.val,
+                source=s.source,
+                from_adapter=s.from_adapter,
+                checkpoint=s.checkpoint,
+                template_source=s.template_source,
+                setup=setup,
+                warnings=s.warnings,
+                wall_s=time.perf_counter() - t0,
+            )
         )
     trainer.accelerator.wait_for_everyone()
     return summary
@@ -612,235 +581,3 @@ def _template_warnings(tokenizer: Any, template: str, model_name: str) -> list[s
         f"the chat template of {model_name!r} does not mark the end-of-turn token as assistant output; the model "
         "may not learn to stop (put it inside {% generation %})"
     ]
-
-
-def _gather_rank_counts(trainer: Any, dist: DistInfo) -> list[dict[str, int]]:
-    """Batches and tokens each rank trained on in this session (proof that every rank took part)."""
-    import torch.distributed as tdist
-
-    mine = {"rank": dist.rank, "batches": trainer.batches_seen, "tokens": trainer.tokens_seen}
-    if not (dist.distributed and tdist.is_available() and tdist.is_initialized()):
-        return [mine]
-    gathered: list[Any] = [None] * dist.world_size
-    tdist.all_gather_object(gathered, mine)
-    return gathered
-
-
-# ---------------------------------------------------------------- write
-
-
-def _write_outputs(
-    *,
-    cfg: Config,
-    out: Path,
-    staging: Path,
-    trainer: Any,
-    result: Any,
-    train: Split,
-    val: Split,
-    source: str,
-    from_adapter: Path | None,
-    checkpoint: Path | None,
-    template_source: str,
-    info_extra: dict[str, Any],
-    warnings: list[str],
-    wall_s: float,
-) -> Summary:
-    fcfg = cfg.finetune
-    state = trainer.state
-    (staging / "training_args.bin").unlink(missing_ok=True)
-    other_dir = _install_other_adapter(out, staging, fcfg.select, state.best_global_step, state.global_step)
-    n_tensors = adapter_tensor_count(staging)
-    if n_tensors == 0:
-        raise DoctuneError(
-            f"{staging}: the saved adapter holds no weights (a distributed save went wrong); nothing was replaced "
-            f"in {out}, the checkpoints in {out / CHECKPOINTS_DIR} are kept"
-        )
-    for path in sorted(staging.iterdir()):
-        os.replace(path, out / path.name)
-    staging.rmdir()
-
-    metrics = training_metrics(state.log_history, state.best_global_step, state.global_step)
-    metrics["train_runtime_s"] = round(float(result.metrics.get("train_runtime", 0.0)), 3)
-    metrics["train_tokens_per_second"] = result.metrics.get("train_tokens_per_second")
-    metrics["num_input_tokens_seen"] = int(state.num_input_tokens_seen)
-    atomic_write_json(out / METRICS_FILE, metrics)
-
-    lora = trainer.model.peft_config["default"]
-    info = {
-        "base_model": source,
-        "student": fcfg.model,
-        "from_adapter": str(from_adapter) if from_adapter is not None else None,
-        "resumed_from": str(checkpoint) if checkpoint is not None else None,
-        "system_prompt": data.system_prompt(train.conversations),
-        "chat_template": {"file": "chat_template.jinja", "source": template_source},
-        "lora": {
-            "r": lora.r,
-            "alpha": lora.lora_alpha,
-            "dropout": lora.lora_dropout,
-            "target_modules": sorted(lora.target_modules)
-            if isinstance(lora.target_modules, set)
-            else lora.target_modules,
-        },
-        "config": fcfg.model_dump(),
-        "data": {
-            "train": str(train.path),
-            "train_sha256": sha256_file(train.path),
-            "val": str(val.path) if val.path.is_file() else None,
-            "val_sha256": sha256_file(val.path) if val.path.is_file() else None,
-            "train_samples": len(train.samples),
-            "val_samples": len(val.samples),
-            "skipped": len(train.problems) + len(val.problems),
-            "truncated": train.truncated + val.truncated,
-            "train_tokens": train.tokens,
-            "train_trained_tokens": train.trained_tokens,
-        },
-        "training": {"steps": state.global_step, "epochs": state.epoch, **info_extra},
-        "select": fcfg.select,
-        "best": {**metrics["best"], "dir": BEST_DIR if other_dir == BEST_DIR else "."},
-        "last": {**metrics["last"], "dir": LAST_DIR if other_dir == LAST_DIR else "."},
-        "adapter_tensors": n_tensors,
-    }
-    atomic_write_json(out / INFO_FILE, info)
-
-    rec = StageRecord(stage="finetune", _t0=time.perf_counter() - wall_s)  # the whole stage, not this step
-    rec.add_input(train.path, "train.jsonl")
-    if val.path.is_file():
-        rec.add_input(val.path, "val.jsonl")
-    rec.config = {"finetune": fcfg.model_dump(), "model": cfg.models[fcfg.model].model_dump()}
-    rec.counts = {
-        "train_samples": len(train.samples),
-        "val_samples": len(val.samples),
-        "skipped": len(train.problems) + len(val.problems),
-        "steps": state.global_step,
-    }
-    rec.tokens = {"seen": int(state.num_input_tokens_seen), "train_trained": train.trained_tokens}
-    rec.notes = {"output_dir": str(out), **{k: v for k, v in info_extra.items() if k != "ranks"}}
-    RunDir(cfg.run_path).record(rec)
-
-    summary = Summary(title="finetune")
-    summary.add("train samples", len(train.samples))
-    summary.add("val samples", len(val.samples))
-    if train.problems or val.problems:
-        summary.add("skipped conversations", len(train.problems) + len(val.problems))
-    summary.add("steps", state.global_step)
-    summary.add("mode", f"{info_extra['mode']} x{info_extra['world_size']} on {info_extra['device']}")
-    if metrics["last"].get("train_loss") is not None:
-        summary.add("train loss (last logged)", round(metrics["last"]["train_loss"], 4))
-    best = metrics["best"]
-    if best.get("eval_loss") is not None:
-        summary.add(
-            "best val loss / perplexity",
-            f"{best['eval_loss']:.4f} / {best['perplexity']:.2f} (step {best['step']})",
-        )
-    if metrics["train_tokens_per_second"]:
-        summary.add("tokens/s", f"{metrics['train_tokens_per_second']:,.0f}")
-    summary.add("seconds", round(wall_s, 1))
-    summary.outputs += [str(out), str(out / other_dir), str(out / METRICS_FILE)]
-    summary.warnings += warnings
-    problems = train.problems + val.problems
-    summary.warnings += problems[:5]
-    if len(problems) > 5:
-        summary.warnings.append(f"... and {len(problems) - 5} more skipped conversations (see the log)")
-    return summary
-
-
-def _install_other_adapter(
-    out: Path, staging: Path, select: str, best_step: int | None, last_step: int
-) -> str:
-    """Copy the adapter that `finetune.select` did not choose into its folder of `out`: the last step's into
-    last/ (select val_loss) or the lowest-val-loss step's into best/ (select last), from its checkpoint. The
-    chosen one is `staging` (the Trainer's model after training). Returns the folder's name."""
-    other_dir, stale_dir = (BEST_DIR, LAST_DIR) if select == "last" else (LAST_DIR, BEST_DIR)
-    best_step = best_step if best_step is not None else last_step  # no val loss: the last is the best
-    chosen_step, other_step = (last_step, best_step) if select == "last" else (best_step, last_step)
-    checkpoint = out / CHECKPOINTS_DIR / f"checkpoint-{other_step}"
-    if checkpoint.is_dir():
-        _install_adapter_copy(checkpoint, out / other_dir)
-    elif other_step == chosen_step:
-        _install_adapter_copy(staging, out / other_dir)
-    else:
-        raise DoctuneError(
-            f"{checkpoint}: missing, so {other_dir}/ cannot hold the adapter of step {other_step}; nothing was "
-            f"replaced in {out}, the adapter of step {chosen_step} is in {staging}"
-        )
-    shutil.rmtree(out / stale_dir, ignore_errors=True)  # an earlier run's with the other select
-    return other_dir
-
-
-def _install_adapter_copy(source: Path, target: Path) -> None:
-    """Copy an adapter folder's files (not optimizer state) to `target`, swapping it in whole."""
-    keep = {"adapter_config.json", ADAPTER_WEIGHTS, "chat_template.jinja", "README.md"}
-    partial = target.with_name(f".{target.name}.copy.partial")  # not .best.partial: the staged adapter
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for path in source.iterdir():
-        if path.is_file() and (
-            path.name in keep or path.name.startswith("tokenizer") or "special_tokens" in path.name
-        ):
-            shutil.copy2(path, partial / path.name)
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    partial.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def adapter_tensor_count(folder: Path) -> int:
-    """Tensors in folder/adapter_model.safetensors (0 when missing)."""
-    from safetensors import safe_open
-
-    path = folder / ADAPTER_WEIGHTS
-    if not path.is_file():
-        return 0
-    with safe_open(str(path), framework="pt") as f:
-        return len(list(f.keys()))
-
-
-def training_metrics(
-    log_history: list[dict[str, Any]], best_step: int | None, last_step: int
-) -> dict[str, Any]:
-    """metrics.json from the Trainer's log history: train loss and val loss / perplexity per step, the best
-    and the last point.
-
-    >>> m = training_metrics([{"loss": 2.0, "step": 1}, {"eval_loss": 1.0, "step": 1}], best_step=1, last_step=1)
-    >>> m["best"]["perplexity"] == math.exp(1.0), m["last"]["train_loss"]
-    (True, 2.0)
-    """
-    train = [
-        {k: row[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm") if k in row}
-        for row in log_history
-        if "loss" in row
-    ]
-    evals = [
-        {
-            "step": row["step"],
-            "epoch": row.get("epoch"),
-            "loss": row["eval_loss"],
-            "perplexity": _perplexity(row["eval_loss"]),
-        }
-        for row in log_history
-        if "eval_loss" in row
-    ]
-    best_eval = next((e for e in evals if e["step"] == best_step), None)
-    last_eval = next((e for e in reversed(evals) if e["step"] == last_step), None)
-    return {
-        "train": train,
-        "eval": evals,
-        "best": {
-            "step": best_step if best_eval is not None else last_step,
-            "eval_loss": best_eval["loss"] if best_eval else None,
-            "perplexity": best_eval["perplexity"] if best_eval else None,
-        },
-        "last": {
-            "step": last_step,
-            "train_loss": train[-1]["loss"] if train else None,
-            "eval_loss": last_eval["loss"] if last_eval else None,
-            "perplexity": last_eval["perplexity"] if last_eval else None,
-        },
-    }
-
-
-def _perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")
