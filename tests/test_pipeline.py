@@ -1,7 +1,7 @@
 """doctune run: skip what is unchanged, re-run from the first changed stage, --from/--only/--force.
 
 The stage table is replaced by stand-in stages that copy their input, so these tests check the orchestration
-alone; tests/e2e runs the real stages.
+alone; tests/test_stage_contracts.py runs the real stages.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from doctune.config import build_config
 from doctune.errors import ConfigError
 from doctune.reporting import Summary
 from doctune.runs import atomic_write_text
+from doctune.stages import StageContract, documents
 
 CALLS: list[str] = []
 
@@ -25,11 +26,7 @@ CALLS: list[str] = []
 def _stage_fn(name: str, src: str | None, dst: str):
     def run(cfg, *, progress):
         CALLS.append(name)
-        text = (
-            (cfg.run_path / src).read_text()
-            if src
-            else "".join(p.read_text() for p in pipeline._data_files(cfg))
-        )
+        text = (cfg.run_path / src).read_text() if src else "".join(p.read_text() for p in documents(cfg))
         atomic_write_text(cfg.run_path / dst, f"{name}({text})")
         return Summary(title=name, rows=[("wrote", dst)])
 
@@ -43,16 +40,15 @@ def fake_stages(monkeypatch):
     stages = []
     for name, src, dst in chain:
         setattr(module, name, _stage_fn(name, src, dst))
-        inputs = pipeline._data_files if src is None else (lambda cfg, s=src: [cfg.run_path / s])
-        stages.append(
-            pipeline.Stage(
-                name,
-                f"fake_stages:{name}",
-                inputs,
-                lambda cfg, d=dst: [cfg.run_path / d],
-                lambda cfg, n=name: {"section": cfg.data.chunk_tokens if n == "ingest" else None},
-            )
+        contract = StageContract(
+            name,
+            f"fake_stages:{name}",
+            reads=lambda run, s=src: [run.path / s] if s else [],
+            sections=("data",) if src is None else (),
+            external=documents if src is None else lambda cfg: [],
+            writes=lambda run, d=dst: [run.path / d],
         )
+        stages.append(pipeline.Stage(contract))
     monkeypatch.setitem(sys.modules, "fake_stages", module)
     monkeypatch.setattr(pipeline, "STAGES", stages)
     monkeypatch.setattr(pipeline, "STAGE_NAMES", [s.name for s in stages])
@@ -177,8 +173,11 @@ def test_an_interrupted_stage_is_told_to_resume_and_new_inputs_start_over(fake_s
         return _stage_fn("curate", "b", "c")(cfg, progress=progress)
 
     monkeypatch.setattr(sys.modules["fake_stages"], "curate", training)
-    resumable = dataclasses.replace(
-        fake_stages[-1], options=lambda resuming: {"resume": True} if resuming else {"overwrite": True}
+    resumable = pipeline.Stage(
+        dataclasses.replace(
+            fake_stages[-1].contract,
+            options=lambda resuming: {"resume": True} if resuming else {"overwrite": True},
+        )
     )
     monkeypatch.setattr(pipeline, "STAGES", [*fake_stages[:-1], resumable])
     with pytest.raises(KeyboardInterrupt):

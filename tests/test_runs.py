@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -124,6 +125,72 @@ def test_a_run_dir_where_a_file_is_in_the_way_is_one_line(tmp_path):
         atomic_write_text(tmp_path, "x")
     assert check_writable_dir(tmp_path / "a" / "b", "run_dir") == tmp_path / "a" / "b"
     assert not (tmp_path / "a").exists()  # checking creates nothing
+
+
+def _killed_writes(*targets) -> None:
+    """Write each target with atomic_open in a process that dies before the rename (as under SIGKILL)."""
+    import subprocess
+    import sys
+
+    for target in targets:
+        code = (
+            "import os\nfrom doctune.runs import atomic_open\n"
+            f"with atomic_open({str(target)!r}) as f:\n    f.write('new')\n    f.flush()\n    os._exit(0)\n"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _remove_in_a_new_process(folder) -> tuple[list[str], str]:
+    """(names removed, log) of remove_stray_temporaries run by a process started after the killed writes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, format='%(message)s'); "
+        "from doctune.runs import RunDir; "
+        f"print(sorted(p.name for p in RunDir({str(folder)!r}).remove_stray_temporaries()))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return eval(proc.stdout), proc.stderr  # a printed list of str
+
+
+def test_a_stage_start_removes_the_temporaries_killed_writes_left_and_nothing_else(tmp_path):
+    run = RunDir(tmp_path / "run")
+    atomic_write_text(run.chunks, "old\n")
+    atomic_write_text(run.eval_summary, "{}\n")
+    _killed_writes(run.chunks, run.eval_summary)
+    leftovers = sorted(p.name for p in run.path.rglob(".*.tmp"))
+    assert len(leftovers) == 2 and all(n.startswith((".chunks.jsonl.", ".summary.json.")) for n in leftovers)
+    mine = {  # names that only look like doctune's temporaries: never removed
+        "notes.tmp": "a",
+        ".notes.tmp": "b",
+        "chunks.jsonl.tmp": "c",
+        ".chunks.jsonl.ABCDEFGH.tmp": "d",  # mkstemp's names are lower case
+        ".chunks.jsonl.abcdefghi.tmp": "e",  # and 8 characters long
+        ".chunks.jsonl.abcdefgh.tmp.bak": "f",
+    }
+    for name, text in mine.items():
+        (run.path / name).write_text(text)
+
+    removed, log = _remove_in_a_new_process(run.path)
+
+    assert removed == leftovers
+    assert "removed 2 temporary file(s)" in log and log.count("\n") == 1
+    assert run.chunks.read_text() == "old\n" and run.eval_summary.read_text() == "{}\n"
+    assert {p.name: p.read_text() for p in run.path.glob("*tmp*")} == mine
+    assert not list(run.eval_dir.glob("*.tmp"))
+    assert _remove_in_a_new_process(run.path) == ([], "")  # nothing more to remove, nothing logged
+
+
+def test_a_temporary_written_after_the_process_started_is_a_write_in_progress_and_kept(tmp_path):
+    import tempfile
+
+    run = RunDir(tmp_path / "run")
+    run.ensure()
+    fd, live = tempfile.mkstemp(prefix=f".{run.chunks.name}.", suffix=".tmp", dir=run.path)
+    os.close(fd)
+    assert run.remove_stray_temporaries() == []
+    assert os.path.exists(live)
 
 
 def test_doctests():

@@ -121,6 +121,7 @@ def _config(
     cfg = load_config(config, overrides, stages=stages)
     if writes_run_dir:  # checked before any work, not when the first file is written
         check_writable_dir(cfg.run_path, "run_dir")
+        cfg.run_folder.remove_stray_temporaries()  # what a write killed before its rename left
     return cfg
 
 
@@ -300,6 +301,7 @@ def curate(
 
 @app.command()
 def finetune(
+    ctx: typer.Context,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     run_dir: RunDirOpt = None,
@@ -334,16 +336,7 @@ def finetune(
         from doctune.finetune.train import preflight
 
         preflight(cfg)
-        args = launch.finetune_args(
-            config=str(config) if config else None,
-            sets=sets,
-            run_dir=run_dir,
-            output_dir=output_dir,
-            resume=resume,
-            from_adapter=from_adapter,
-            overwrite=overwrite,
-            verbose=verbose,
-        )
+        args = launch.worker_args(sys.argv[1:], launch.value_options(ctx.command))  # as typed, less --nproc
         raise typer.Exit(launch.run_torchrun(nproc, args))
     from doctune.finetune.train import run
 

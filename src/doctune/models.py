@@ -384,6 +384,19 @@ def gguf_sha256(gguf: Path, root: Path) -> str:
     return digest
 
 
+def model_identity(reference: str | Path) -> dict[str, Any]:
+    """What a model reference points to, without reading a whole model: a .gguf file's sha256 (remembered per
+    size and mtime, see gguf_sha256), the size and mtime of every file of a local folder, a hub name as it is."""
+    path = Path(str(reference)).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return {"gguf": gguf_sha256(path, cache_dir() / "gguf")}
+    if path.is_file() or path.is_dir():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        stats = {str(p.relative_to(path)) if p != path else p.name: p.stat() for p in files}
+        return {"files": {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items()}}
+    return {"hub": str(reference)}
+
+
 def _dequantize(gguf: Path, digest: str, folder: Path) -> None:
     """Write the float32 model, tokenizer and chat template of `gguf` to `folder`, atomically."""
     global dequantized

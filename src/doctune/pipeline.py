@@ -1,9 +1,14 @@
 """`doctune run`: every stage in order, skipping what is already done.
 
-A stage is skipped when its fingerprint (sha256 of its input files and of the config it depends on) equals the
-one recorded after its last successful run and its outputs are still there. Once one stage runs, every stage
-after it runs too. Re-running a stage is cheap where work was already done: LLM answers come from
-cache.sqlite, and fine-tuning resumes from its last checkpoint.
+The stage table is built from the stage contracts of doctune.stages (what each stage reads, which config
+sections, outside files, adapters and models it depends on, and what it writes), and so are the fingerprints:
+an input a stage declares is an input of its fingerprint, with nothing to keep in step by hand.
+
+A stage is skipped when its fingerprint (sha256 of its input files, of the loaded files of its adapters, of
+the config it depends on and of the identity of its models) equals the one recorded after its last successful
+run and its outputs are still there. Once one stage runs, every stage after it runs too. Re-running a stage is
+cheap where work was already done: LLM answers come from cache.sqlite, and fine-tuning resumes from its last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -18,111 +23,63 @@ from typing import Any
 
 from doctune.config import Config
 from doctune.errors import ConfigError
+from doctune.models import model_identity
 from doctune.reporting import NullProgress, Progress, Summary
-from doctune.runs import RunDir, sha256_file, sha256_json
+from doctune.runs import sha256_file, sha256_json
+from doctune.stages import CONTRACTS, StageContract, adapter_files
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Stage:
-    name: str
-    entry: str  # "module:function", imported only when the stage runs
-    inputs: Callable[[Config], list[Path]]
-    outputs: Callable[[Config], list[Path]]
-    sections: Callable[[Config], dict[str, Any]]
-    # keyword arguments of the stage's run(); `resuming`: this stage was started on these same inputs and
-    # config before and did not finish (killed, crashed), so it may continue what it left
-    options: Callable[[bool], dict[str, Any]] = lambda resuming: {}
+    """One stage of `doctune run`: its contract, and the fingerprint, done check and entry built from it."""
+
+    contract: StageContract
+
+    @property
+    def name(self) -> str:
+        return self.contract.name
 
     def fingerprint(self, cfg: Config) -> str:
-        files = {str(p): sha256_file(p) for p in self.inputs(cfg) if p.is_file()}
-        return sha256_json({"inputs": files, "config": self.sections(cfg)})
+        """sha256 of everything the contract says the stage depends on (missing files are left out)."""
+        c = self.contract
+        files = [*c.reads(cfg.run_folder), *c.external(cfg)]
+        return sha256_json(
+            {
+                "inputs": {str(p): sha256_file(p) for p in files if p.is_file()},
+                "adapters": {
+                    str(a): {f.name: sha256_file(f) for f in adapter_files(a)} for a in c.adapters(cfg)
+                },
+                "config": {section: getattr(cfg, section).model_dump() for section in c.sections},
+                "models": {name: _model(cfg, name) for name in c.models(cfg)},
+                "tokenizers": {t: model_identity(cfg.model_source(t)) for t in c.tokenizers(cfg)},
+            }
+        )
 
     def done(self, cfg: Config) -> bool:
-        return all(p.exists() for p in self.outputs(cfg))
+        return all(p.exists() for p in self.contract.writes(cfg.run_folder))
+
+    def options(self, resuming: bool) -> dict[str, Any]:
+        return self.contract.options(resuming)
 
     def load(self) -> Callable[..., Summary]:
-        module, func = self.entry.split(":")
+        module, func = self.contract.entry.split(":")
         return getattr(importlib.import_module(module), func)
 
 
-def _data_files(cfg: Config) -> list[Path]:
-    root = cfg.path(cfg.data.dir)
-    if not root.is_dir():
-        return []
-    run = cfg.run_path.resolve()
-    return sorted(
-        p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and run not in p.resolve().parents
-    )
-
-
 def _model(cfg: Config, name: str | None) -> dict[str, Any] | None:
+    """A model's config (less what only tunes the client) and, for an in-process model, what it points to."""
     if name is None or name not in cfg.models:
         return None
-    return cfg.models[name].model_dump(exclude={"max_concurrency", "timeout", "max_retries"})
+    model = cfg.models[name]
+    return {
+        "config": model.model_dump(exclude={"max_concurrency", "timeout", "max_retries"}),
+        "identity": model_identity(cfg.model_source(model.model)) if model.backend == "hf" else None,
+    }
 
 
-def _optional(cfg: Config, value: str | None) -> list[Path]:
-    return [cfg.path(value)] if value else []
-
-
-def _listed(value: str | list[str] | None) -> list[str]:
-    return [value] if isinstance(value, str) else list(value or [])
-
-
-def _run_file(name: str) -> Callable[[Config], list[Path]]:
-    return lambda cfg: [cfg.run_path / name]
-
-
-STAGES: list[Stage] = [
-    Stage(
-        "ingest",
-        "doctune.ingest.stage:run",
-        _data_files,
-        _run_file("chunks.jsonl"),
-        lambda c: {"data": c.data.model_dump(), "counter": _model(c, c.generate.model)},
-    ),
-    Stage(
-        "generate",
-        "doctune.generate:run",
-        lambda c: [c.run_path / "chunks.jsonl", *_optional(c, c.generate.prompts)],
-        _run_file("qa_raw.jsonl"),
-        lambda c: {"generate": c.generate.model_dump(), "model": _model(c, c.generate.model)},
-    ),
-    Stage(
-        "curate",
-        "doctune.curate.stage:run",
-        lambda c: [
-            c.run_path / "qa_raw.jsonl",
-            *_optional(c, c.curate.eval_set),
-            *_optional(c, c.curate.prompts),
-            *(c.path(p) for p in _listed(c.curate.extra_pairs)),
-        ],
-        lambda c: [c.run_path / "train.jsonl", c.run_path / "val.jsonl", c.run_path / "data.json"],
-        lambda c: {"curate": c.curate.model_dump(), "model": _model(c, c.curate.model)},
-    ),
-    Stage(
-        "finetune",
-        "doctune.finetune.train:run",
-        lambda c: [c.run_path / "train.jsonl", c.run_path / "val.jsonl"],
-        lambda c: [c.run_path / "adapter" / "adapter_config.json"],
-        lambda c: {"finetune": c.finetune.model_dump(), "model": _model(c, c.finetune.model)},
-        # an interrupted training of the same data continues from its checkpoint; new data starts over
-        lambda resuming: {"resume": True} if resuming else {"overwrite": True},
-    ),
-    Stage(
-        "eval",
-        "doctune.evaluate.stage:run",
-        lambda c: [c.path(c.eval.eval_set), c.run_path / "adapter" / "adapter_model.safetensors"],
-        lambda c: [c.run_path / "eval" / "summary.json"],
-        lambda c: {
-            "eval": c.eval.model_dump(),
-            "models": {n: _model(c, cand.model) for n, cand in c.eval.candidates.items()},
-            "judge": _model(c, c.eval.judge),
-        },
-    ),
-]
+STAGES: list[Stage] = [Stage(contract) for contract in CONTRACTS]
 STAGE_NAMES = [s.name for s in STAGES]
 
 
@@ -157,7 +114,7 @@ def run(
 ) -> list[StageOutcome]:
     """Run the selected stages in order; `on_stage` is called after each (the CLI prints its summary)."""
     progress = progress or NullProgress()
-    run_dir = RunDir(cfg.run_path)
+    run_dir = cfg.run_folder
     outcomes: list[StageOutcome] = []
     rerun_rest = force or from_stage is not None
     for stage in select(from_stage, only):
@@ -170,6 +127,7 @@ def run(
             rerun_rest = True
             started = run_dir.manifest().get("pipeline_started", {}).get(stage.name)
             resuming = started == fingerprint and not force
+            run_dir.remove_stray_temporaries()
             run_dir.set_manifest("pipeline_started", stage.name, fingerprint)
             t0 = time.perf_counter()
             summary = stage.load()(cfg, progress=progress, **stage.options(resuming))
@@ -194,7 +152,8 @@ HEADLINE_COUNTS: dict[str, list[tuple[str, str]]] = {
 
 def overview(cfg: Config, outcomes: list[StageOutcome]) -> Summary:
     """One table for the whole run: headline counts per stage, eval metrics, tokens, wall time per stage."""
-    manifest = RunDir(cfg.run_path).manifest()
+    run_dir = cfg.run_folder
+    manifest = run_dir.manifest()
     stages = manifest.get("stages", {})
     summary = Summary(title=f"doctune run: {cfg.run_path}")
     for stage, rows in HEADLINE_COUNTS.items():
@@ -202,9 +161,9 @@ def overview(cfg: Config, outcomes: list[StageOutcome]) -> Summary:
         for key, label in rows:
             if key in counts:
                 summary.add(label, counts[key])
-    summary.rows += _training_rows(cfg.run_path / "adapter" / "metrics.json")
-    summary.rows += _eval_rows(cfg.run_path / "eval" / "summary.json")
-    summary.warnings += _eval_warnings(cfg.run_path / "eval" / "summary.json")
+    summary.rows += _training_rows(run_dir.adapter.metrics)
+    summary.rows += _eval_rows(run_dir.eval_summary)
+    summary.warnings += _eval_warnings(run_dir.eval_summary)
     spent = {"prompt": 0, "completion": 0}
     for entry in stages.values():
         for key, value in entry.get("tokens", {}).items():
@@ -218,7 +177,7 @@ def overview(cfg: Config, outcomes: list[StageOutcome]) -> Summary:
         recorded = manifest.get("pipeline_seconds", {}).get(outcome.name, "?")
         took = f"{outcome.seconds:.1f} s" if outcome.status == "ran" else f"skipped (last run {recorded} s)"
         summary.add(f"wall time: {outcome.name}", took)
-    report = cfg.run_path / "eval" / "report.html"
+    report = run_dir.eval_report_html
     if report.is_file():
         summary.outputs.append(str(report))
     return summary
@@ -280,7 +239,9 @@ def _eval_warnings(path: Path) -> list[str]:
 
 
 def _mean_ci(agg: dict[str, Any]) -> str:
-    """>>> _mean_ci({"mean": 0.5, "ci": [0.25, 0.75], "n": 8})
+    """An aggregate as `mean [low, high]`.
+
+    >>> _mean_ci({"mean": 0.5, "ci": [0.25, 0.75], "n": 8})
     '0.500 [0.250, 0.750]'
     """
     if not isinstance(agg, dict) or agg.get("mean") is None:

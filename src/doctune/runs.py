@@ -1,14 +1,17 @@
 """The run directory: atomic writes, JSONL helpers, hashes and manifest.json.
 
 Every file a stage writes goes through `atomic_write_*` (temp file in the same folder + fsync + rename), so a
-killed run never leaves a truncated output behind.
+killed run never leaves a truncated output behind. A process killed between the write and the rename leaves
+its temporary file (`.NAME.XXXXXXXX.tmp`); `remove_stray_temporaries` removes those when a stage starts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -19,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from doctune.errors import DoctuneError, InputError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 OUTPUT_MARKER = ".doctune-output"  # in every folder doctune writes as a whole (model, adapter, export)
@@ -109,7 +114,7 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[Any]:
             f"{path}: is a folder, cannot write a file there (move it away or choose another path)"
         )
     make_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     binary = "b" in mode
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
@@ -121,6 +126,48 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[Any]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# atomic_open's temporary files: "." + the file's name + "." + mkstemp's 8 random characters + TEMPORARY_SUFFIX
+TEMPORARY_SUFFIX = ".tmp"
+TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX))
+_PROCESS_STARTED = time.time()
+
+
+def is_stray_temporary(path: Path) -> bool:
+    """Whether `path` is a temporary file atomic_open left behind: its name has atomic_open's pattern, it is a
+    plain file, and it was last written before this process started (a write in progress is left alone).
+
+    >>> TEMPORARY_NAME.fullmatch(".chunks.jsonl.k3_x9q0a.tmp")["name"]
+    'chunks.jsonl'
+    >>> TEMPORARY_NAME.fullmatch("chunks.jsonl.tmp") is None
+    True
+    """
+    if not TEMPORARY_NAME.fullmatch(path.name) or path.is_symlink() or not path.is_file():
+        return False
+    return path.stat().st_mtime < _PROCESS_STARTED
+
+
+def remove_stray_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that atomic_open left in `folder` and below (a process killed between a
+    write and its rename); nothing else is touched. Logs one line when it removes some; returns them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stray = [
+        Path(root) / name
+        for root, _, names in os.walk(folder)
+        for name in names
+        if is_stray_temporary(Path(root) / name)
+    ]
+    for path in stray:
+        path.unlink(missing_ok=True)
+    if stray:
+        shown = ", ".join(str(p.relative_to(folder)) for p in stray[:3]) + (", ..." if len(stray) > 3 else "")
+        log.info(
+            "%s: removed %d temporary file(s) a killed write left behind (%s)", folder, len(stray), shown
+        )
+    return stray
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -312,6 +359,10 @@ class RunDir:
 
     def ensure(self) -> Path:
         return make_dir(self.path)
+
+    def remove_stray_temporaries(self) -> list[Path]:
+        """Remove the temporary files a killed write left in the run folder (see remove_stray_temporaries)."""
+        return remove_stray_temporaries(self.path)
 
     def manifest(self) -> dict[str, Any]:
         path = self.manifest_file
