@@ -31,11 +31,13 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from doctune.config import Config
+from doctune.config import Config, CurateConfig, ModelConfig
 from doctune.curate import contamination, dedup, extra_pairs, rules
 from doctune.curate.judge import Judge, JudgeTally, Verdict, judge_all
 from doctune.curate.split import chat_row, chunk_key, val_chunks
@@ -49,14 +51,6 @@ from doctune.runs import RunDir, StageRecord, atomic_write_json, atomic_write_js
 log = logging.getLogger(__name__)
 
 STAGE = "curate"
-QA_RAW = "qa_raw.jsonl"
-CURATED = "qa_curated.jsonl"
-REJECTED = "qa_rejected.jsonl"
-DATA_JSON = "data.json"
-TRAIN = "train.jsonl"
-VAL = "val.jsonl"
-REPORT = "curation_report.json"
-CACHE = "cache.sqlite"
 MAX_PROBLEMS_SHOWN = 10
 RULE_ORDER = (
     *rules.RULES,
@@ -93,14 +87,14 @@ class Ledger:
         return {rule: tally[rule] for rule in RULE_ORDER if tally[rule]}
 
 
-def load_pairs(path: Any) -> list[dict[str, Any]]:
+def load_pairs(path: Path) -> list[dict[str, Any]]:
     """qa_raw.jsonl rows; a row without an id gets one from its line, so rejects can name what they match."""
     rows = read_jsonl(path)
     if not rows:
         raise InputError(f"{path}: no pairs to curate (run `doctune generate` first, or check its failures)")
     for n, row in enumerate(rows, 1):
         if row.get("id") in (None, ""):
-            row["id"] = f"{QA_RAW}:{n}"
+            row["id"] = f"{path.name}:{n}"
     return rows
 
 
@@ -155,7 +149,7 @@ def _judge_pairs(
     if llm is None:
         from doctune.llm.factory import build_llm
 
-        llm = build_llm(cfg, cur.model, use_cache=use_cache, cache_path=cfg.run_path / CACHE)
+        llm = build_llm(cfg, cur.model, use_cache=use_cache, cache_path=cfg.run_folder.cache)
     judge = Judge(
         llm,
         mode=cur.mode,
@@ -241,6 +235,52 @@ def _dedup_questions(
         ledger.reject_duplicates(dedup.keep_best(order, found), "duplicate_semantic")
 
 
+@dataclass
+class Inputs:
+    """What curate reads, all of it before any work: the pairs (users' own first), the eval set, the prompts."""
+
+    pairs: list[dict[str, Any]]
+    users: list[extra_pairs.UserPairs]
+    eval_items: list[EvalItem]
+    prompts: dict[str, str]
+    judge_model: ModelConfig | None
+    record: StageRecord
+
+
+@dataclass
+class Curation:
+    """What the checks decided: the ledger of rejections, eval overlaps, verdicts and the judge's totals."""
+
+    ledger: Ledger
+    questions: list[str]
+    overlaps: dict[int, contamination.EvalMatch]
+    verdicts: dict[int, Verdict]
+    tally: JudgeTally
+
+    @property
+    def pairs(self) -> list[dict[str, Any]]:
+        return self.ledger.pairs
+
+
+@dataclass
+class Split:
+    """The kept pairs and the side each goes to; `in_val`: the chunks held out for validation."""
+
+    kept: list[int]
+    in_val: set[str]
+    side: dict[int, str]
+
+
+@dataclass
+class Rows:
+    """The rows of the five data files."""
+
+    curated: list[dict[str, Any]]
+    rejected: list[dict[str, Any]]
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+
+
 def run(
     cfg: Config, *, progress: Progress = NullProgress(), llm: LLM | None = None, use_cache: bool = True
 ) -> Summary:
@@ -248,10 +288,29 @@ def run(
     train/val split by chunk. Writes six files and the manifest entry; raises FailureRateError (after
     writing) when more judge requests failed than `curate.max_failure_rate` allows. `llm` replaces the
     configured judge (tests, library use); `use_cache=False` bypasses cache.sqlite."""
+    run_dir = cfg.run_folder
+    inputs = _load_inputs(cfg, run_dir)
+    t0 = time.perf_counter()
+    curation = _check_pairs(cfg, inputs, progress, llm=llm, use_cache=use_cache)
+    split = _split(cfg.curate, curation)
+    seconds = time.perf_counter() - t0
+    rows = _rows(cfg.curate, curation, split)
+    _write_data(run_dir, rows)
+    report = _report(cfg, inputs, curation, split, rows, seconds)
+    atomic_write_json(run_dir.curation_report, report)
+    _record(run_dir, inputs.record, report, curation)
+    summary = _summary(run_dir, report)
+    _check_failure_rate(cfg.curate, curation.tally, run_dir)
+    return summary
+
+
+# ---- setup
+
+
+def _load_inputs(cfg: Config, run_dir: RunDir) -> Inputs:
+    """qa_raw.jsonl, users' own pairs, the eval set and the prompts, each recorded as an input."""
     cur = cfg.curate
-    run_dir = RunDir(cfg.run_path)
-    raw_path = run_dir / QA_RAW
-    generated = load_pairs(raw_path)
+    generated = load_pairs(run_dir.qa_raw)
     eval_items: list[EvalItem] = load_eval_set(cfg.path(cur.eval_set)) if cur.eval_set else []
     prompts = load_prompts(STAGE, cfg.path(cur.prompts) if cur.prompts else None)
     judge_model = cfg.model(cur.model) if cur.mode != "off" else None
@@ -259,44 +318,63 @@ def run(
         STAGE,
         config={"curate": cur.model_dump(), "judge": judge_model.model_dump() if judge_model else None},
     )
-    record.add_input(raw_path, QA_RAW)
+    record.add_input(run_dir.qa_raw, run_dir.qa_raw.name)
     users = _read_extra_pairs(cfg, record)
-    pairs = [p for user in users for p in user.pairs] + generated
     if cur.eval_set:
         record.add_input(cfg.path(cur.eval_set), "eval_set")
     if cur.prompts:
         record.add_input(cfg.path(cur.prompts), "prompts")
-    ledger = Ledger(pairs)
-    questions = [rules.text_of(p, "question") for p in pairs]
-    t0 = time.perf_counter()
+    pairs = [p for user in users for p in user.pairs] + generated
+    return Inputs(pairs, users, eval_items, prompts, judge_model, record)
 
+
+# ---- work
+
+
+def _check_pairs(
+    cfg: Config, inputs: Inputs, progress: Progress, *, llm: LLM | None, use_cache: bool
+) -> Curation:
+    """Steps 1-5 of the module doc: rules, whole-pair copies and eval overlaps, the judge, duplicate questions."""
+    cur = cfg.curate
+    ledger = Ledger(inputs.pairs)
+    questions = [rules.text_of(p, "question") for p in inputs.pairs]
     # 1-3: rules, whole-pair copies, eval overlap: before the judge, free of tokens
-    overlaps, vectors = _before_judge(ledger, questions, cfg, eval_items)
+    overlaps, vectors = _before_judge(ledger, questions, cfg, inputs.eval_items)
     log.info(
         "%d pairs: %d rejected by rules, duplicate copies or eval overlap (%d) before the judge",
-        len(pairs),
+        len(inputs.pairs),
         len(ledger.rejected),
         len(overlaps),
     )
-
     # 4: the judge
     tally = JudgeTally()
     verdicts: dict[int, Verdict] = {}
     if cur.mode != "off" and ledger.alive():
-        verdicts = _judge_pairs(cfg, ledger, prompts, progress, tally, llm=llm, use_cache=use_cache)
-
+        verdicts = _judge_pairs(cfg, ledger, inputs.prompts, progress, tally, llm=llm, use_cache=use_cache)
     # 5: duplicate questions among what passed, best-scored first
-    scores = [verdicts[i].score if i in verdicts else None for i in range(len(pairs))]
+    scores = [verdicts[i].score if i in verdicts else None for i in range(len(inputs.pairs))]
     _dedup_questions(ledger, questions, scores, cfg, vectors)
+    return Curation(ledger, questions, overlaps, verdicts, tally)
 
-    # 6: split by chunk, write
-    kept = ledger.alive()
+
+def _split(cur: CurateConfig, curation: Curation) -> Split:
+    """Step 6: the kept pairs to train or val by source chunk; users' own pairs always to train."""
+    pairs = curation.pairs
+    kept = curation.ledger.alive()
     log.info("%d of %d pairs kept", len(kept), len(pairs))
     in_val = val_chunks(
         (chunk_key(pairs[i]) for i in kept if not _is_user(pairs[i])), cur.val_fraction, cur.seed
     )
-    split = {i: "val" if chunk_key(pairs[i]) in in_val else "train" for i in kept}
-    seconds = time.perf_counter() - t0
+    side = {i: "val" if chunk_key(pairs[i]) in in_val else "train" for i in kept}
+    return Split(kept, in_val, side)
+
+
+# ---- write
+
+
+def _rows(cur: CurateConfig, curation: Curation, split: Split) -> Rows:
+    """Curated and rejected pairs with the judge's score and reason; train and val as chat rows."""
+    pairs, verdicts, rejected = curation.pairs, curation.verdicts, curation.ledger.rejected
 
     def annotated(i: int) -> dict[str, Any]:
         verdict = verdicts.get(i)
@@ -306,83 +384,105 @@ def run(
             "reason": verdict.reason if verdict else None,
         }
 
-    curated = [{**annotated(i), "split": split[i]} for i in kept]
-    rejected = [{**annotated(i), **ledger.rejected[i]} for i in sorted(ledger.rejected)]
-    train = [chat_row(pairs[i], cur.system_prompt) for i in kept if split[i] == "train"]
-    val = [chat_row(pairs[i], cur.system_prompt) for i in kept if split[i] == "val"]
-    atomic_write_jsonl(run_dir / CURATED, curated)
-    atomic_write_jsonl(run_dir / REJECTED, rejected)
-    atomic_write_json(
-        run_dir / DATA_JSON,
-        [
-            {
-                "Question": p["question"].strip(),
-                "Answer": p["answer"].strip(),
-                "Context": p.get("context") or "",
-            }
-            for p in curated
-        ],
-    )
-    atomic_write_jsonl(run_dir / TRAIN, train)
-    atomic_write_jsonl(run_dir / VAL, val)
+    def chats(side: str) -> list[dict[str, Any]]:
+        return [chat_row(pairs[i], cur.system_prompt) for i in split.kept if split.side[i] == side]
 
-    histogram = _histogram(cur.mode, verdicts.values())
-    report = {
+    return Rows(
+        curated=[{**annotated(i), "split": split.side[i]} for i in split.kept],
+        rejected=[{**annotated(i), **rejected[i]} for i in sorted(rejected)],
+        train=chats("train"),
+        val=chats("val"),
+    )
+
+
+def _write_data(run_dir: RunDir, rows: Rows) -> None:
+    """qa_curated.jsonl, qa_rejected.jsonl, the seed's data.json, train.jsonl and val.jsonl."""
+    atomic_write_jsonl(run_dir.qa_curated, rows.curated)
+    atomic_write_jsonl(run_dir.qa_rejected, rows.rejected)
+    atomic_write_json(run_dir.data_json, [_seed_row(p) for p in rows.curated])
+    atomic_write_jsonl(run_dir.train, rows.train)
+    atomic_write_jsonl(run_dir.val, rows.val)
+
+
+def _seed_row(pair: dict[str, Any]) -> dict[str, str]:
+    """A pair as the seed recipe's data.json holds it."""
+    return {
+        "Question": pair["question"].strip(),
+        "Answer": pair["answer"].strip(),
+        "Context": pair.get("context") or "",
+    }
+
+
+def _report(
+    cfg: Config, inputs: Inputs, curation: Curation, split: Split, rows: Rows, seconds: float
+) -> dict[str, Any]:
+    """curation_report.json: counts per rule and per source, the split, the judge, dedup and contamination."""
+    cur = cfg.curate
+    pairs, tally, overlaps = curation.pairs, curation.tally, curation.overlaps
+    return {
         "pairs_in": len(pairs),
-        "rejected": ledger.counts(),
-        "kept": len(kept),
-        "sources": _by_source(ledger, users),
-        "train": {"pairs": len(train), "chunks": len({chunk_key(pairs[i]) for i in kept}) - len(in_val)},
-        "val": {"pairs": len(val), "chunks": len(in_val)},
+        "rejected": curation.ledger.counts(),
+        "kept": len(split.kept),
+        "sources": _by_source(curation.ledger, inputs.users),
+        "train": {
+            "pairs": len(rows.train),
+            "chunks": len({chunk_key(pairs[i]) for i in split.kept}) - len(split.in_val),
+        },
+        "val": {"pairs": len(rows.val), "chunks": len(split.in_val)},
         "judge": {
             "mode": cur.mode,
-            "model": judge_model.model if judge_model else None,
+            "model": inputs.judge_model.model if inputs.judge_model else None,
             "threshold": cur.threshold if cur.mode == "score" else None,
             "requests": tally.requests,
             "cached": tally.cached,
             "errors": tally.errors,
-            "histogram": histogram,
+            "histogram": _histogram(cur.mode, curation.verdicts.values()),
         },
         "tokens": tally.tokens(),
         "dedup": {"near": cur.dedup.near, "semantic": cur.dedup.semantic},
         "contamination": {
             "eval_set": str(cfg.path(cur.eval_set)) if cur.eval_set else None,
-            "eval_questions": len(eval_items),
+            "eval_questions": len(inputs.eval_items),
             "near": contamination.EVAL_NEAR_JACCARD,
             "semantic": cur.dedup.semantic,
             "overlaps": [
-                {"id": pairs[i]["id"], "question": questions[i], **overlaps[i].as_dict()}
+                {"id": pairs[i]["id"], "question": curation.questions[i], **overlaps[i].as_dict()}
                 for i in sorted(overlaps)
             ],
         },
         "seconds": round(seconds, 3),
     }
-    atomic_write_json(run_dir / REPORT, report)
+
+
+def _record(run_dir: RunDir, record: StageRecord, report: dict[str, Any], curation: Curation) -> None:
+    """The stage's entry in manifest.json."""
+    tally = curation.tally
     record.counts = {
-        "pairs_in": len(pairs),
-        "kept": len(kept),
-        "train": len(train),
-        "val": len(val),
-        "rejected": ledger.counts(),
+        "pairs_in": report["pairs_in"],
+        "kept": report["kept"],
+        "train": report["train"]["pairs"],
+        "val": report["val"]["pairs"],
+        "rejected": report["rejected"],
         "generated_kept_share": report["sources"]["generated"]["kept_share"],
-        "user_pairs": report["sources"]["user"]["pairs"],
+        "user_pairs": report["sources"][extra_pairs.SOURCE]["pairs"],
         "judge_requests": tally.requests,
         "judge_cached": tally.cached,
         "judge_errors": tally.errors,
     }
     record.tokens = tally.tokens()
-    record.notes = {"score_histogram": histogram, "eval_overlaps": len(overlaps)}
+    record.notes = {"score_histogram": report["judge"]["histogram"], "eval_overlaps": len(curation.overlaps)}
     run_dir.record(record)
 
-    summary = _summary(run_dir, report)
+
+def _check_failure_rate(cur: CurateConfig, tally: JudgeTally, run_dir: RunDir) -> None:
+    """FailureRateError when more judge requests failed than `curate.max_failure_rate` allows."""
     rate = tally.errors / tally.requests if tally.requests else 0.0
     if rate > cur.max_failure_rate:
         raise FailureRateError(
             f"{tally.errors} of {tally.requests} judge requests failed ({rate:.0%} > curate.max_failure_rate "
-            f"{cur.max_failure_rate:.0%}): see the rows with rule judge_error in {run_dir / REJECTED}; fix the "
+            f"{cur.max_failure_rate:.0%}): see the rows with rule judge_error in {run_dir.qa_rejected}; fix the "
             "cause and run again (answered requests come from the cache)"
         )
-    return summary
 
 
 def _by_source(ledger: Ledger, users: list[extra_pairs.UserPairs]) -> dict[str, Any]:
@@ -434,22 +534,25 @@ def _summary(run_dir: RunDir, report: dict[str, Any]) -> Summary:
         summary.add("  answered from cache", judge["cached"])
         summary.add("prompt tokens", report["tokens"]["prompt"])
         summary.add("completion tokens", report["tokens"]["completion"])
-    summary.outputs = [str(run_dir / name) for name in (CURATED, REJECTED, DATA_JSON, TRAIN, VAL, REPORT)]
+    outputs = (run_dir.qa_curated, run_dir.qa_rejected, run_dir.data_json, run_dir.train, run_dir.val)
+    summary.outputs = [str(path) for path in (*outputs, run_dir.curation_report)]
     overlaps = report["contamination"]["overlaps"]
     if overlaps:
         summary.warnings.append(
-            f"{len(overlaps)} pair(s) matched eval questions and were left out: see {run_dir / REPORT}"
+            f"{len(overlaps)} pair(s) matched eval questions and were left out: see {run_dir.curation_report}"
         )
     for user in report["sources"][extra_pairs.SOURCE]["files"]:
         for problem in user["problems"][:MAX_PROBLEMS_SHOWN]:
             summary.warnings.append(f"curate.extra_pairs: {problem}")
         if len(user["problems"]) > MAX_PROBLEMS_SHOWN:
             more = len(user["problems"]) - MAX_PROBLEMS_SHOWN
-            summary.warnings.append(f"{user['file']}: {more} more row(s) skipped: see {run_dir / REPORT}")
+            summary.warnings.append(
+                f"{user['file']}: {more} more row(s) skipped: see {run_dir.curation_report}"
+            )
     if judge["errors"]:
         summary.warnings.append(
             f"{judge['errors']} pair(s) got no usable verdict (rule judge_error, raw replies kept in "
-            f"{run_dir / REJECTED})"
+            f"{run_dir.qa_rejected})"
         )
     if report["kept"] == 0:
         summary.warnings.append("no pair was kept: train.jsonl is empty (see the rules in the report)")
