@@ -10,7 +10,7 @@ from tests.support.fake_openai import FakeOpenAIServer, Reply
 from doctune.config import build_config
 from doctune.errors import ConfigError, FailureRateError, InputError
 from doctune.evaluate.metrics import ROUGE_TYPES, sentences_on_lines
-from doctune.evaluate.stage import run
+from doctune.evaluate.stage import resolve_candidates, run, training_system_prompt
 from doctune.runs import read_jsonl
 
 ITEMS = [
@@ -189,6 +189,30 @@ def test_two_runs_over_one_cache_give_identical_summaries(tmp_path, server):
     assert manifest["stages"]["eval"]["counts"]["cached_answers"] == 2 * len(ITEMS)
 
 
+@pytest.mark.slow
+def test_manifest_records_tokens_like_every_stage_sent_then_cached(tmp_path, server):
+    """tokens: Usage.tokens() of answers and judge together (prompt, completion, *_cached, *_sent); notes split
+    them; a rerun over the cache sends none."""
+    cfg = make_config(tmp_path, server.base_url, pairwise=["finetuned", "base"])
+    manifest_file = cfg.run_path / "manifest.json"
+    run(cfg)
+    rows = read_jsonl(cfg.run_path / "eval" / "results.jsonl")
+    entry = json.loads(manifest_file.read_text())["stages"]["eval"]
+    answers, judge, tokens = entry["notes"]["tokens_answers"], entry["notes"]["tokens_judge"], entry["tokens"]
+    assert answers["prompt"] == sum(r["prompt_tokens"] for r in rows) > 0
+    assert answers["completion"] == sum(r["completion_tokens"] for r in rows) > 0
+    assert judge["prompt"] > 0 and judge["completion"] > 0  # grades and both orders of the pairwise judge
+    assert tokens["prompt"] == answers["prompt"] + judge["prompt"]
+    assert tokens["completion"] == answers["completion"] + judge["completion"]
+    assert tokens["prompt_sent"] == tokens["prompt"] and tokens["prompt_cached"] == 0
+
+    run(cfg)
+    again = json.loads(manifest_file.read_text())["stages"]["eval"]["tokens"]
+    assert again["prompt"] == tokens["prompt"] and again["completion"] == tokens["completion"]
+    assert again["prompt_cached"] == tokens["prompt"] and again["prompt_sent"] == 0
+    assert again["completion_sent"] == 0
+
+
 def test_garbage_judge_is_counted_never_scored_zero(tmp_path):
     def flaky(request):
         digest = hashlib.sha256(request["messages"][-1]["content"].encode()).digest()
@@ -267,3 +291,35 @@ def test_candidate_and_pairwise_mistakes_are_config_errors(tmp_path, server):
     with pytest.raises(ConfigError, match=r"eval\.pairwise: needs a judge"):
         run(cfg)
     assert server.total_requests() == 0 or not (tmp_path / "run" / "eval").exists()
+
+
+@pytest.mark.parametrize("info", ["{not json", "[1, 2]"])
+def test_an_unreadable_adapter_info_file_is_one_line_before_any_request(tmp_path, server, info):
+    """doctune_finetune.json read as every command reads it (AdapterDir): not a JSON object is one InputError."""
+    adapter = tmp_path / "elsewhere" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (adapter / "doctune_finetune.json").write_text(info, encoding="utf-8")
+    before = server.total_requests()
+    cfg = make_config(
+        tmp_path, server.base_url, candidates={"tuned": {"model": "student", "adapter": str(adapter)}}
+    )
+    with pytest.raises(InputError, match=r"doctune_finetune\.json: not (valid JSON|a JSON object)") as err:
+        run(cfg)
+    assert "\n" not in str(err.value) and "doctune finetune" in str(err.value)
+    assert server.total_requests() == before and not (cfg.run_path / "eval").exists()
+
+
+def test_the_training_system_prompt_comes_from_a_candidate_adapter_kept_anywhere(tmp_path, server):
+    adapter = tmp_path / "elsewhere" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+    cfg = make_config(
+        tmp_path, server.base_url, candidates={"tuned": {"model": "student", "adapter": str(adapter)}}
+    )
+    candidates = resolve_candidates(cfg)
+    assert training_system_prompt(cfg, candidates) == (cfg.curate.system_prompt, "curate.system_prompt")
+    (adapter / "doctune_finetune.json").write_text(
+        json.dumps({"system_prompt": "Be brief."}), encoding="utf-8"
+    )
+    assert training_system_prompt(cfg, candidates) == ("Be brief.", str(adapter / "doctune_finetune.json"))
