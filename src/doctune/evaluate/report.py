@@ -446,14 +446,38 @@ def render_html(
 ) -> str:
     """A single self-contained page: no external assets, every model-written string escaped; with `rows`
     (results.jsonl), a table of every item side by side, sortable in the browser."""
-    cands = list(summary["candidates"])
-    dec = summary["decoding"]
-    judge = summary.get("judge")
     out = [
+        *_html_head(),
+        *_html_header(summary),
+        *_html_style_flag(summary),
+        *_html_metrics(summary),
+        *_html_chart(chart_png),
+        *_html_comparison(summary),
+        *_html_pairwise(summary),
+        *_html_failures(summary),
+        *(items_table(summary, rows) if rows else []),
+        *_html_worst(summary, worst),
+        *([f"<script>{_ITEMS_JS}</script>"] if rows else []),
+        "</body></html>",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def _html_head() -> list[str]:
+    """The page up to <body>: the content security policy and the style sheet."""
+    return [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8"><title>doctune eval report</title>',
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
         f"<style>{_CSS}</style></head><body>",
+    ]
+
+
+def _html_header(summary: dict[str, Any]) -> list[str]:
+    """The title and what was compared: eval set, candidates, decoding and system prompt, judge."""
+    dec = summary["decoding"]
+    judge = summary.get("judge")
+    out = [
         "<h1>doctune eval report</h1><ul>",
         f"<li>Eval set: <code>{_h(summary['eval_set']['path'])}</code> ({summary['eval_set']['items']} items)</li>",
     ]
@@ -473,10 +497,18 @@ def render_html(
         else "<li>Judge: none</li>"
     )
     out.append("</ul>")
+    return out
+
+
+def _html_style_flag(summary: dict[str, Any]) -> list[str]:
     flag = style_without_facts(summary)
-    if flag:
-        out.append(f"<p class='flag' id='style-flag'><b>Style, not facts:</b> {_h(flag)}</p>")
-    out.append("<h2>Metrics <span class='muted'>(mean [95% bootstrap CI], n items)</span></h2>")
+    return [f"<p class='flag' id='style-flag'><b>Style, not facts:</b> {_h(flag)}</p>"] if flag else []
+
+
+def _html_metrics(summary: dict[str, Any]) -> list[str]:
+    """Each metric's mean with its CI per candidate, after a line on the key facts."""
+    cands = list(summary["candidates"])
+    out = ["<h2>Metrics <span class='muted'>(mean [95% bootstrap CI], n items)</span></h2>"]
     if summary.get("key_facts"):
         out.append(
             "<p>Key facts are the numbers with their units, names, quoted and code spans of each reference "
@@ -491,63 +523,88 @@ def render_html(
         )
         out.append(f"<tr><td>{_h(label(metric))}</td>{cells}</tr>")
     out.append("</table>")
-    if chart_png:
-        data = base64.b64encode(chart_png).decode("ascii")
-        out.append(f"<img alt='metrics per candidate with 95% CI' src='data:image/png;base64,{data}'>")
+    return out
+
+
+def _html_chart(chart_png: bytes | None) -> list[str]:
+    if not chart_png:
+        return []
+    data = base64.b64encode(chart_png).decode("ascii")
+    return [f"<img alt='metrics per candidate with 95% CI' src='data:image/png;base64,{data}'>"]
+
+
+def _html_comparison(summary: dict[str, Any]) -> list[str]:
+    """The paired difference of the two compared candidates, per metric."""
     comp = summary.get("comparison")
-    if comp:
-        out.append(f"<h2>{_h(comp['a'])} − {_h(comp['b'])} <span class='muted'>(paired, 95% CI)</span></h2>")
-        out.append("<table><tr><th>metric</th><th>difference</th><th>n</th></tr>")
-        for metric in summary["metric_names"]:
-            est = comp["metrics"][metric]
-            out.append(
-                f"<tr><td>{_h(label(metric))}</td><td class='num'>{_h(fmt_difference(est))}</td>"
-                f"<td class='num'>{est['n']}</td></tr>"
-            )
-        out.append("</table>")
-    pair = summary.get("pairwise")
-    if pair:
-        out.append(f"<h2>Pairwise judge: {_h(pair['a'])} vs {_h(pair['b'])}</h2>")
+    if not comp:
+        return []
+    out = [
+        f"<h2>{_h(comp['a'])} − {_h(comp['b'])} <span class='muted'>(paired, 95% CI)</span></h2>",
+        "<table><tr><th>metric</th><th>difference</th><th>n</th></tr>",
+    ]
+    for metric in summary["metric_names"]:
+        est = comp["metrics"][metric]
         out.append(
-            f"<p>Asked in both orders; a win needs the same preference twice. <b>win {pair['win']} / tie "
-            f"{pair['tie']} / loss {pair['loss']}</b>, no verdict for {pair['missing']}. Win rate of "
-            f"{_h(pair['a'])} (tie = ½): {_h(fmt_estimate(pair['win_rate']))}.</p>"
+            f"<tr><td>{_h(label(metric))}</td><td class='num'>{_h(fmt_difference(est))}</td>"
+            f"<td class='num'>{est['n']}</td></tr>"
         )
+    out.append("</table>")
+    return out
+
+
+def _html_pairwise(summary: dict[str, Any]) -> list[str]:
+    pair = summary.get("pairwise")
+    if not pair:
+        return []
+    return [
+        f"<h2>Pairwise judge: {_h(pair['a'])} vs {_h(pair['b'])}</h2>",
+        f"<p>Asked in both orders; a win needs the same preference twice. <b>win {pair['win']} / tie "
+        f"{pair['tie']} / loss {pair['loss']}</b>, no verdict for {pair['missing']}. Win rate of "
+        f"{_h(pair['a'])} (tie = ½): {_h(fmt_estimate(pair['win_rate']))}.</p>",
+    ]
+
+
+def _html_failures(summary: dict[str, Any]) -> list[str]:
     facts, failed = failure_lines(summary)
-    out.append("<h2>Failures</h2><ul>" + "".join(f"<li>{_h(line)}</li>" for line in facts) + "</ul>")
+    out = ["<h2>Failures</h2><ul>" + "".join(f"<li>{_h(line)}</li>" for line in facts) + "</ul>"]
     if failed:
         out.append("<ul class='muted'>" + "".join(f"<li>{_h(line)}</li>" for line in failed) + "</ul>")
-    if rows:
-        out += items_table(summary, rows)
-    if comp:
-        out.append(f"<h2>{_h(worst_title(summary))}</h2>")
-        if not worst:
-            out.append(f"<p>{_h(no_worst_sentence(summary))}</p>")
-        for w in worst:
-            ra, rb = w["a"], w["b"]
-            notes = []
-            if w["lost_pairwise"]:
-                notes.append("lost the pairwise judgement")
-            if w["gap"] is not None:
-                notes.append(f"{label(comp['ranking_metric'])} gap {w['gap']:.3f}")
-            out.append(f"<h3>Item {w['index']} — {_h(', '.join(notes))}</h3>")
-            out.append(f"<p><b>Question:</b> {_h(ra['question'])}</p>")
-            out.append(
-                f"<table class='side'><tr><th>reference</th><th>{_h(comp['a'])}</th><th>{_h(comp['b'])}</th></tr>"
-            )
-            out.append(
-                f"<tr><td>{_h(ra['reference'])}</td><td>{_h(ra['answer'] or ra.get('answer_error') or '')}</td>"
-                f"<td>{_h(rb['answer'] or rb.get('answer_error') or '')}</td></tr>"
-            )
-            if ra.get("judge") or rb.get("judge"):
-                out.append(
-                    f"<tr><td><i>judge</i></td><td>{_h(_judge_text(ra))}</td><td>{_h(_judge_text(rb))}</td></tr>"
-                )
-            out.append("</table>")
-    if rows:
-        out.append(f"<script>{_ITEMS_JS}</script>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+    return out
+
+
+def _html_worst(summary: dict[str, Any], worst: Sequence[dict[str, Any]]) -> list[str]:
+    """The items where the first candidate lost most against the second, each side by side."""
+    comp = summary.get("comparison")
+    if not comp:
+        return []
+    out = [f"<h2>{_h(worst_title(summary))}</h2>"]
+    if not worst:
+        out.append(f"<p>{_h(no_worst_sentence(summary))}</p>")
+    for w in worst:
+        out += _html_worst_item(comp, w)
+    return out
+
+
+def _html_worst_item(comp: dict[str, Any], w: dict[str, Any]) -> list[str]:
+    ra, rb = w["a"], w["b"]
+    notes = []
+    if w["lost_pairwise"]:
+        notes.append("lost the pairwise judgement")
+    if w["gap"] is not None:
+        notes.append(f"{label(comp['ranking_metric'])} gap {w['gap']:.3f}")
+    out = [
+        f"<h3>Item {w['index']} — {_h(', '.join(notes))}</h3>",
+        f"<p><b>Question:</b> {_h(ra['question'])}</p>",
+        f"<table class='side'><tr><th>reference</th><th>{_h(comp['a'])}</th><th>{_h(comp['b'])}</th></tr>",
+        f"<tr><td>{_h(ra['reference'])}</td><td>{_h(ra['answer'] or ra.get('answer_error') or '')}</td>"
+        f"<td>{_h(rb['answer'] or rb.get('answer_error') or '')}</td></tr>",
+    ]
+    if ra.get("judge") or rb.get("judge"):
+        out.append(
+            f"<tr><td><i>judge</i></td><td>{_h(_judge_text(ra))}</td><td>{_h(_judge_text(rb))}</td></tr>"
+        )
+    out.append("</table>")
+    return out
 
 
 # ----------------------------------------------------------------------------------------- every item
