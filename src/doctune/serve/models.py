@@ -13,7 +13,6 @@ Chat template and system prompt, per served name:
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import warnings
@@ -21,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from doctune.adapters import AdapterDir
 from doctune.errors import ConfigError, InputError
 from doctune.serve.requests import RequestRejected
 
 log = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"
-FINETUNE_INFO = "doctune_finetune.json"
 
 
 @dataclass(frozen=True)
@@ -78,32 +77,17 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
 
 def read_adapter(name: str, path: str | Path, adapter: str, parent: str) -> ServedModel:
     """The served entry of one adapter folder: its chat template and training system prompt, if it has them."""
-    from doctune.models import adapter_folder
-
-    folder = adapter_folder(path)
-    template_file = folder / "chat_template.jinja"
-    template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+    folder = AdapterDir(path).checked(path)
+    template = folder.chat_template.read_text(encoding="utf-8") if folder.chat_template.is_file() else None
+    prompt = folder.system_prompt()
     return ServedModel(
         name=name,
         adapter=adapter,
-        source=str(folder),
+        source=str(folder.path),
         chat_template=template,
-        system_prompt=_training_system_prompt(folder / FINETUNE_INFO),
+        system_prompt=prompt if prompt and prompt.strip() else None,
         parent=parent,
     )
-
-
-def _training_system_prompt(info_file: Path) -> str | None:
-    if not info_file.is_file():
-        return None
-    try:
-        info = json.loads(info_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(
-            f"{info_file}: not valid JSON ({exc}); fix it or run `doctune finetune` again"
-        ) from None
-    prompt = info.get("system_prompt") if isinstance(info, dict) else None
-    return prompt if isinstance(prompt, str) and prompt.strip() else None
 
 
 def load_models(
