@@ -86,15 +86,19 @@ def test_killed_run_resumes_to_the_same_adapter_as_an_uninterrupted_one(tiny_mod
 def test_two_processes_both_train_and_save_one_adapter(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     write_chat_data(run_dir, n_train=16, n_val=4)
-    # batch 2 per process x 2 processes = the global batch of one process with batch 4
+    # batch 2 per process x 2 processes = the global batch of one process with batch 4; eval_steps reaches the
+    # workers only through the command line that --nproc passes on
     config = yaml_config(
-        tmp_path / "doctune.yaml", run_dir, tiny_model_dir, batch_size=2, eval_steps=4, lora={"dropout": 0.0}
+        tmp_path / "doctune.yaml", run_dir, tiny_model_dir, batch_size=2, lora={"dropout": 0.0}
     )
-    result = doctune("finetune", "-c", str(config), "--nproc", "2", cwd=tmp_path)
+    result = doctune(
+        "finetune", "-c", str(config), "--nproc", "2", "--set", "finetune.eval_steps=4", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     adapter = run_dir / "adapter"
     info = json.loads((adapter / FINETUNE_INFO).read_text())
     assert info["training"]["mode"] == "ddp" and info["training"]["world_size"] == 2
+    assert info["config"]["eval_steps"] == 4
     ranks = info["training"]["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["batches"] == 8 and r["tokens"] > 0 for r in ranks)  # 2 epochs x 4 steps, each rank

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from doctune.adapters import ADAPTER_CONFIG, AdapterDir
 from doctune.errors import DoctuneError, InputError
 from doctune.reporting import NullProgress, Progress, Summary
 from doctune.runs import atomic_write_text
@@ -45,6 +46,7 @@ TYPE_PLACEHOLDER = "{type}"
 MARKER_KEY = "doctune.version"
 MODELFILE_HEADER = "# Ollama Modelfile written by doctune export."
 SUPPORTED_ROPE = ("default", "llama3")
+MODEL_CONFIG = "config.json"  # a full model folder (transformers)
 
 
 def export(
@@ -66,14 +68,13 @@ def export(
 
     # ---- setup
     t0 = time.perf_counter()
-    adapter_dir = Path(adapter_dir)
+    adapter = AdapterDir(adapter_dir)
+    adapter_dir = adapter.path
     targets = output_paths(out, types)
-    is_full_model = (adapter_dir / "config.json").is_file() and not (
-        adapter_dir / "adapter_config.json"
-    ).is_file()
-    if not is_full_model and not (adapter_dir / "adapter_config.json").is_file():
+    is_full_model = (adapter_dir / MODEL_CONFIG).is_file() and not adapter.exists()
+    if not is_full_model and not adapter.exists():
         raise InputError(
-            f"--adapter {adapter_dir}: no adapter_config.json there (give the folder finetune wrote, "
+            f"--adapter {adapter_dir}: no {ADAPTER_CONFIG} there (give the folder finetune wrote, "
             "or a merged model folder)"
         )
     for path in targets.values():
@@ -81,7 +82,7 @@ def export(
         refuse_foreign_file(modelfile_path(path))
     if is_full_model and base:
         log.warning("--base %s is ignored: %s is a full model, exported as it is", base, adapter_dir)
-    system = _training_system_prompt(adapter_dir)
+    system = adapter.system_prompt()  # None for a full model or an adapter doctune did not train
     for path in targets.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     first = next(iter(targets.values()))
@@ -566,7 +567,7 @@ def pre_tokenizer_name(pre: dict[str, Any] | None, source: Path | str = "tokeniz
 def _stop_tokens(model_dir: Path, config: Any, tokenizer: Any) -> list[str]:
     """Tokens that end a reply: the tokenizer's eos and every eos id of the generation config."""
     ids: list[int] = []
-    for source in (model_dir / "generation_config.json", model_dir / "config.json"):
+    for source in (model_dir / "generation_config.json", model_dir / MODEL_CONFIG):
         if source.is_file():
             value = json.loads(source.read_text(encoding="utf-8")).get("eos_token_id")
             ids += value if isinstance(value, list) else [value] if isinstance(value, int) else []
@@ -705,13 +706,6 @@ def modelfile_text(
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _training_system_prompt(adapter_dir: Path) -> str | None:
-    info = adapter_dir / "doctune_finetune.json"
-    if not info.is_file():
-        return None
-    return json.loads(info.read_text(encoding="utf-8")).get("system_prompt") or None
 
 
 def _model_name(out: str | Path) -> str:

@@ -13,7 +13,9 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -47,36 +49,46 @@ def is_main_process() -> bool:
     return dist_info().is_main
 
 
-def finetune_args(
-    *,
-    config: str | None = None,
-    sets: list[str] | None = None,
-    run_dir: str | None = None,
-    output_dir: str | None = None,
-    resume: bool = False,
-    from_adapter: str | None = None,
-    overwrite: bool = False,
-    verbose: bool = False,
-) -> list[str]:
-    """The `doctune finetune` arguments each torchrun worker gets (everything but --nproc).
+NPROC = "--nproc"
 
-    >>> finetune_args(config="doctune.yaml", sets=["finetune.epochs=1"], resume=True)
-    ['finetune', '--config', 'doctune.yaml', '--set', 'finetune.epochs=1', '--resume']
+
+def worker_args(argv: Sequence[str], value_options: Collection[str] = ()) -> list[str]:
+    """The arguments each torchrun worker gets: the `doctune` command line as the user typed it (`argv`, without
+    the program name) less `--nproc N` / `--nproc=N`, so every other flag, a new one too, reaches the workers
+    unchanged. `value_options`: the options that take a value (see `value_options`), whose value is kept even
+    when it reads `--nproc`. Everything after `--` is kept.
+
+    >>> worker_args(["finetune", "-c", "x.yaml", "--nproc", "2", "--set", "finetune.lr=1e-4", "--resume"])
+    ['finetune', '-c', 'x.yaml', '--set', 'finetune.lr=1e-4', '--resume']
+    >>> worker_args(["finetune", "--nproc=4", "--output-dir", "--nproc"], {"--output-dir"})
+    ['finetune', '--output-dir', '--nproc']
     """
-    args = ["finetune"]
-    if config is not None:
-        args += ["--config", str(config)]
-    for item in sets or []:
-        args += ["--set", item]
-    for flag, value in (
-        ("--run-dir", run_dir),
-        ("--output-dir", output_dir),
-        ("--from-adapter", from_adapter),
-    ):
-        if value is not None:
-            args += [flag, str(value)]
-    args += [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("-v", verbose)) if on]
+    args: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        if token == "--":
+            args += [token, *tokens]
+        elif token == NPROC:
+            next(tokens, None)
+        elif not token.startswith(f"{NPROC}="):
+            args.append(token)
+            value = next(tokens, None) if token in value_options else None
+            if value is not None:
+                args.append(value)
     return args
+
+
+def value_options(command: Any) -> set[str]:
+    """The option strings of a click/Typer command's options that take a value (`--set`, `-c`, ...)."""
+    return {
+        opt
+        for param in getattr(command, "params", [])
+        if getattr(param, "opts", None)
+        and not getattr(param, "is_flag", False)
+        and not getattr(param, "count", False)
+        for opt in [*param.opts, *getattr(param, "secondary_opts", [])]
+        if opt.startswith("-")
+    }
 
 
 def torchrun_command(nproc: int, args: list[str]) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from doctune import models
+from doctune.adapters import AdapterDir
 from doctune.errors import DoctuneError, InputError
 from doctune.reporting import NullProgress, Progress, Summary
 from doctune.runs import atomic_write_json, check_output_dir, mark_output_dir, sha256_file
@@ -44,13 +45,14 @@ def merge(
     """
     # ---- setup
     t0 = time.perf_counter()
-    adapter_dir, out_dir = models.adapter_folder(adapter_dir), Path(out_dir)
+    adapter, out_dir = AdapterDir(adapter_dir).checked(adapter_dir), Path(out_dir)
+    adapter_dir = adapter.path
     if out_dir.resolve() == adapter_dir.resolve() or adapter_dir.resolve() in out_dir.resolve().parents:
         raise DoctuneError(f"--out {out_dir}: must not be the adapter folder or inside it")
     check_output_dir(out_dir, "--out", keep=[adapter_dir], ours=[MERGE_INFO])
     from transformers import AutoConfig  # after the checks: a wrong path is reported at once
 
-    base = base or models.adapter_base_model(adapter_dir)
+    base = base or adapter.base_model()
     if base is None:
         raise InputError(f"--adapter {adapter_dir}: records no base model; pass --base MODEL")
     progress.start("merge", total=3)
@@ -68,7 +70,7 @@ def merge(
         progress.advance(1)
 
         # ---- write
-        tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+        tokenizer_source = adapter_dir if adapter.has_tokenizer() else base
         tokenizer = models.load_tokenizer(tokenizer_source)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
@@ -80,7 +82,7 @@ def merge(
                 {
                     "base_model": base,
                     "adapter": str(adapter_dir.resolve()),
-                    "adapter_sha256": sha256_file(adapter_dir / "adapter_model.safetensors"),
+                    "adapter_sha256": sha256_file(adapter.weights),
                     "dtype": str(saved_dtype).removeprefix("torch."),
                     "chat_template_from": str(tokenizer_source),
                 },
