@@ -146,3 +146,18 @@ def test_an_in_process_judge_on_the_tiny_model_gives_readable_verdicts(tiny_mode
     assert [p.error for p in pairs] == [None, None] and all(
         p.outcome in ("win", "tie", "loss") for p in pairs
     )
+
+
+def test_usage_counts_the_tokens_of_every_answered_request_and_none_of_a_failed_one():
+    replies = iter(['{"reason": "ok", "score": 8}', RequestFailed("HTTP 500", status=500)])
+    llm = ScriptedLLM(lambda m: next(replies, '{"reason": "same", "winner": "tie"}'), prompt_tokens=40)
+    judge = Judge(llm, PROMPTS)
+
+    async def main():
+        await judge.grade("Q?", "ref", "a")
+        await judge.grade("Q?", "ref", "b")
+        return await judge.compare("Q?", "ref", "a", "b")
+
+    assert asyncio.run(main()).outcome == "tie"
+    assert len(llm.calls) == 4
+    assert (judge.usage.prompt_tokens, judge.usage.completion_tokens) == (3 * 40, 3 * 5)

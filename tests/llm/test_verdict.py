@@ -6,11 +6,11 @@ import asyncio
 import doctest
 
 import pytest
+from tests.support.fake_llm import ScriptedLLM
 
 from doctune.curate import judge as curate_judge
 from doctune.evaluate import judge as eval_judge
 from doctune.llm import verdict
-from doctune.llm.base import Completion
 from doctune.llm.structured import ReplyParseError, validate
 from doctune.llm.verdict import BadVerdict, parse_choice, parse_score, parse_yesno, reply_object
 from doctune.prompts import load_prompts
@@ -117,22 +117,8 @@ def test_both_judges_bound_the_reason_of_in_process_replies_to_the_same_cap():
         )
 
 
-class _Replies:
-    """An LLM that answers every request with one fixed text and records max_tokens."""
-
-    name = "fixed"
-
-    def __init__(self, text: str):
-        self.text = text
-        self.max_tokens: list[int] = []
-
-    async def chat(self, messages, *, max_tokens, temperature=0.0, json_schema=None, stop=None):
-        self.max_tokens.append(max_tokens)
-        return Completion(self.text, 10, 5, "stop")
-
-
 def test_both_judges_cap_a_reply_at_the_same_tokens_and_read_a_fraction_score():
-    llm = _Replies('{"reason": "Right.", "score": "4/5"}')
+    llm = ScriptedLLM(lambda m: '{"reason": "Right.", "score": "4/5"}')
     curated = asyncio.run(
         curate_judge.Judge(llm, mode="score", threshold=4, prompts=load_prompts("curate")).judge(
             {"question": "Q?", "answer": "A.", "context": "C."}
@@ -140,11 +126,12 @@ def test_both_judges_cap_a_reply_at_the_same_tokens_and_read_a_fraction_score():
     )
     graded = asyncio.run(eval_judge.Judge(llm, load_prompts("eval")).grade("Q?", "ref", "answer"))
     assert (curated.passed, curated.score, graded.score) == (True, 4, 4.0)
-    assert llm.max_tokens == [verdict.MAX_TOKENS, verdict.MAX_TOKENS]
+    assert [call["max_tokens"] for call in llm.calls] == [verdict.MAX_TOKENS, verdict.MAX_TOKENS]
 
 
 def test_each_judge_keeps_its_own_error_wording():
-    llm = _Replies('{"reason": "x", "score": "²"}')
+    reply = '{"reason": "x", "score": "²"}'
+    llm = ScriptedLLM(lambda m: reply)
     curated = asyncio.run(
         curate_judge.Judge(llm, mode="score", threshold=4, prompts=load_prompts("curate")).judge(
             {"question": "Q?", "answer": "A.", "context": "C."}
@@ -153,4 +140,4 @@ def test_each_judge_keeps_its_own_error_wording():
     graded = asyncio.run(eval_judge.Judge(llm, load_prompts("eval")).grade("Q?", "ref", "answer"))
     assert curated.error == "unusable reply: score must be an integer from 1 to 5, got '²'"
     assert graded.error == "judge reply has no score 1-10 (got '²')"
-    assert curated.raw == graded.raw == llm.text
+    assert curated.raw == graded.raw == reply

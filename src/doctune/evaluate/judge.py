@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -147,8 +146,7 @@ class Judge:
         self.schemas = {
             k: reply_schema(k, bounded_strings=bounded_strings) for k in ("score", "yesno", "pairwise")
         }
-        self.tokens: Counter[str] = Counter()  # TODO(#15): the stage reads `usage` instead, then drop this
-        self.usage = Usage()
+        self.usage = Usage()  # tokens of every reply (the stage records them)
 
     async def _ask(self, system: str, user: str, schema: dict[str, Any]) -> tuple[str | None, str | None]:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -158,8 +156,6 @@ class Judge:
             )
         except RequestFailed as exc:
             return None, f"judge request failed: {exc.reason}"
-        self.tokens["prompt"] += reply.prompt_tokens
-        self.tokens["completion"] += reply.completion_tokens
         self.usage.add_reply(reply)
         return reply.text, None
 
