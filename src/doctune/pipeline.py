@@ -165,13 +165,10 @@ def overview(cfg: Config, outcomes: list[StageOutcome]) -> Summary:
     summary.rows += _eval_rows(run_dir.eval_summary)
     summary.warnings += _eval_warnings(run_dir.eval_summary)
     spent = {"prompt": 0, "completion": 0}
-    for entry in stages.values():
-        for key, value in entry.get("tokens", {}).items():
-            for (
-                kind
-            ) in spent:  # "prompt", "answer_prompt", "judge_prompt", ...; not the *_cached/*_sent splits
-                if key == kind or key.endswith(f"_{kind}"):
-                    spent[kind] += int(value or 0)
+    for entry in stages.values():  # generate, curate and eval record llm.base.Usage.tokens()
+        tokens = entry.get("tokens", {})
+        for kind in spent:
+            spent[kind] += int(tokens.get(kind) or 0)
     summary.add("LLM tokens (prompt / completion)", f"{spent['prompt']:,} / {spent['completion']:,}")
     for outcome in outcomes:
         recorded = manifest.get("pipeline_seconds", {}).get(outcome.name, "?")

@@ -11,6 +11,7 @@ from doctune.config import build_config
 from doctune.errors import ConfigError, FailureRateError, InputError
 from doctune.evaluate.metrics import ROUGE_TYPES, sentences_on_lines
 from doctune.evaluate.stage import resolve_candidates, run, training_system_prompt
+from doctune.pipeline import overview
 from doctune.runs import read_jsonl
 
 ITEMS = [
@@ -211,6 +212,9 @@ def test_manifest_records_tokens_like_every_stage_sent_then_cached(tmp_path, ser
     assert again["prompt"] == tokens["prompt"] and again["completion"] == tokens["completion"]
     assert again["prompt_cached"] == tokens["prompt"] and again["prompt_sent"] == 0
     assert again["completion_sent"] == 0
+    # `doctune run`'s closing table counts each token once (not again in the *_cached / *_sent splits)
+    rows = dict(overview(cfg, []).rows)
+    assert rows["LLM tokens (prompt / completion)"] == f"{tokens['prompt']:,} / {tokens['completion']:,}"
 
 
 def test_garbage_judge_is_counted_never_scored_zero(tmp_path):
