@@ -385,3 +385,38 @@ def test_a_gguf_file_as_an_hf_model_in_the_config_answers(smollm2_gguf, smollm2_
             await llm.aclose()
 
     assert "Paris" in asyncio.run(ask()).text
+
+
+def test_models_loaded_from_several_threads_at_once_keep_their_tied_heads(tiny_model_dir, tmp_path):
+    """A server thread and the caller (or two eval candidates) loading at once: transformers swaps
+    PreTrainedModel.tie_weights for a no-op on the class during each load, and overlapping loads used to leave
+    the no-op there for the rest of the process, so every later model of a tied-embedding family (SmolLM2) got an
+    empty or random output head. doctune's loader loads one model at a time."""
+    import threading
+
+    import torch
+    from transformers import PreTrainedModel
+
+    tied = tmp_path / "tied"
+    shutil.copytree(tiny_model_dir, tied)
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tie_weights = PreTrainedModel.tie_weights
+    loaded, failures = [], []
+
+    def load() -> None:
+        try:
+            for _ in range(6):
+                loaded.append(models.load_causal_lm(tied, dtype=torch.float32, device="cpu"))
+        except Exception as exc:  # reported below, with the thread's error
+            failures.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert PreTrainedModel.tie_weights is tie_weights  # transformers' class is as it was
+    assert len(loaded) == 24
+    assert all(m.get_output_embeddings().weight is m.get_input_embeddings().weight for m in loaded)

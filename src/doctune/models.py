@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -205,8 +206,8 @@ def load_causal_lm(
 
 def tie_output_head(model: Any) -> bool:
     """Share the input embeddings with the output head of a model whose config ties them, when transformers
-    left them apart (seen in long-lived processes: the head stayed an empty meta tensor, or random). True when
-    the head is tied afterwards."""
+    left them apart (it does when code outside doctune loaded two models at once in this process: see
+    _LOAD_LOCK). True when the head is tied afterwards."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if not getattr(config, "tie_word_embeddings", False) or head is None or embeddings is None:
@@ -216,10 +217,18 @@ def tie_output_head(model: Any) -> bool:
     return True
 
 
+# transformers' from_pretrained swaps PreTrainedModel.tie_weights (and torch's init functions) for no-ops on the
+# class while it builds a model and puts back what it found; two loads at once in one process (a server thread and
+# the caller, two eval candidates) can put back the no-op, and from then on no model of that process gets its tied
+# output head (SmolLM2's lm_head stayed an empty meta tensor). So doctune loads one model at a time.
+_LOAD_LOCK = threading.RLock()
+
+
 def _quietly(load: Any, *args: Any, **kwargs: Any) -> Any:
+    """`load(*args, **kwargs)` (a transformers loader) without library progress bars, one at a time."""
     from doctune.reporting import quiet_library_bars
 
-    with quiet_library_bars():
+    with _LOAD_LOCK, quiet_library_bars():
         return load(*args, **kwargs)
 
 
@@ -425,7 +434,7 @@ def _dequantize(gguf: Path, digest: str, folder: Path) -> None:
     weights = {k: v for k, v in loaded.state_dict().items() if v.device.type != "meta"}
     if "lm_head.weight" not in weights:
         config.tie_word_embeddings = True
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = _quietly(AutoModelForCausalLM.from_config, config, dtype=torch.float32)
     missing = set(model.load_state_dict(weights, strict=False).missing_keys)
     if tie_output_head(model):
         missing.discard("lm_head.weight")

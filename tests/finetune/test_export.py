@@ -37,10 +37,11 @@ def make_adapter(base_dir: Path, out: Path, *, r: int = 4, scale: float = 1.0, s
     """A LoRA adapter on `base_dir` with random (non-zero) A and B, as PEFT saves it, plus the
     doctune_finetune.json that `doctune finetune` writes beside it. Returns the merged model in memory."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+
+    from doctune.models import load_causal_lm
 
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base = load_causal_lm(base_dir, dtype=torch.float32, device="cpu")
     model = get_peft_model(
         base, LoraConfig(r=r, lora_alpha=r, target_modules="all-linear", init_lora_weights=False)
     )
