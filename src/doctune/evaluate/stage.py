@@ -35,6 +35,7 @@ from doctune.evaluate import facts, report, stats
 from doctune.evaluate.judge import Judge, PairVerdict, Verdict
 from doctune.evaluate.metrics import LEXICAL_METRICS, SIMILARITY
 from doctune.evaluate.scoring import Scoring
+from doctune.llm import gather
 from doctune.llm.base import LLM, RequestFailed, Usage
 from doctune.prompts import load_prompts
 from doctune.reporting import NullProgress, Progress, Summary
@@ -277,7 +278,7 @@ class _Answering:
         return len(plan.items) * len(plan.candidates) + pairwise
 
     async def all_items(self) -> None:
-        await asyncio.gather(*(self.item(item) for item in self.plan.items))
+        await gather.ordered(self.item, self.plan.items)  # an error or Ctrl-C cancels the other items
 
     async def item(self, item: EvalItem) -> None:
         rows = await asyncio.gather(*(self.answer(c, item) for c in self.plan.candidates))
