@@ -18,8 +18,6 @@ from doctune.errors import ConfigError
 from doctune.llm.base import LLM
 from doctune.llm.cache import CachedLLM, ResponseCache
 
-CACHE_FILE = "cache.sqlite"
-
 
 def build_llm(
     cfg: Config,
@@ -48,7 +46,7 @@ def build_llm(
         backend = HFBackend(model_cfg, adapter=adapter_path, model_path=cfg.model_source(model_cfg.model))
     if not use_cache:
         return backend
-    cache = ResponseCache(cache_path if cache_path is not None else cfg.run_path / CACHE_FILE)
+    cache = ResponseCache(cache_path if cache_path is not None else cfg.run_folder.cache)
     # Cache keys use the backend's name: the model for openai; for hf the model path plus the adapter's
     # digest, so a retrained adapter never gets the answers of the one before it.
     return CachedLLM(backend, cache)

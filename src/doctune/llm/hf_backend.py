@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from doctune.adapters import AdapterDir
 from doctune.config import ModelConfig
 from doctune.errors import DoctuneError, LLMError
 from doctune.llm.base import Completion, RequestFailed
@@ -40,17 +41,14 @@ from doctune.runs import sha256_file, sha256_text
 
 log = logging.getLogger(__name__)
 
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
 
 def adapter_digest(adapter: Path) -> str:
     """Short sha256 of an adapter's weights and config: a re-trained adapter gets a new backend name (and so
     new cache keys). "missing" when the folder holds no adapter weights."""
-    weights = next((adapter / f for f in ADAPTER_FILES if (adapter / f).is_file()), None)
-    if weights is None:
+    folder = AdapterDir(adapter)
+    if not folder.weights.is_file():
         return "missing"
-    config = adapter / "adapter_config.json"
-    parts = [sha256_file(weights), sha256_file(config) if config.is_file() else ""]
+    parts = [sha256_file(folder.weights), sha256_file(folder.config) if folder.config.is_file() else ""]
     return sha256_text("+".join(parts))[:12]
 
 
@@ -424,7 +422,7 @@ def _load_model(model_path: str, adapter: Path | None, cfg: ModelConfig) -> _Loa
         ref = models.resolve(model_path)
         if adapter is not None:
             models.adapter_folder(adapter)
-        has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
+        has_tokenizer = adapter is not None and AdapterDir(adapter).has_tokenizer()
         tokenizer = models.load_tokenizer(adapter if has_tokenizer else ref, chat_template=True)
         model = models.load_causal_lm(ref, dtype=cfg.dtype, device=device)
         if adapter is not None:
