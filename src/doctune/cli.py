@@ -25,7 +25,9 @@ from rich.progress import (
 from rich.progress import Progress as RichBar
 from rich.table import Table
 
+from doctune.config import Config
 from doctune.errors import DoctuneError
+from doctune.runs import RunDir
 
 app = typer.Typer(
     help="doctune: documents in, a fine-tuned domain chatbot out, with numbers that say whether it got better.",
@@ -36,6 +38,23 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console()
 
+RUN = RunDir("{run_dir}")  # the run folder's files as help texts name them: {run_dir}/adapter, ...
+
+
+def field_help(key: str, lead: str = "Override", extra: str = "") -> str:
+    """The help of an option that mirrors a config field: the field's own description, so they cannot drift.
+
+    >>> field_help("curate.threshold")
+    'Override curate.threshold: score mode: keep pairs scored at least this.'
+    """
+    model: Any = Config
+    *sections, name = key.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation
+    description = model.model_fields[name].description
+    return f"{lead} {key}: {description}{extra}"
+
+
 ConfigOpt = Annotated[
     Path | None, typer.Option("-c", "--config", help="doctune.yaml to use (default: ./doctune.yaml).")
 ]
@@ -45,8 +64,12 @@ SetOpt = Annotated[
         "--set", help="Override one config field, KEY=VALUE (repeatable), e.g. data.chunk_tokens=512."
     ),
 ]
-RunDirOpt = Annotated[str | None, typer.Option("--run-dir", help="Override run_dir.")]
+RunDirOpt = Annotated[str | None, typer.Option("--run-dir", help=field_help("run_dir"))]
 VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="Log details (DEBUG level).")]
+NoCacheOpt = Annotated[
+    bool,
+    typer.Option("--no-cache", help=f"Send every request again instead of reusing {RUN.cache.name}."),
+]
 
 
 class RichProgress:
@@ -183,7 +206,7 @@ def ingest(
     config: ConfigOpt = None,
     sets: SetOpt = None,
     run_dir: RunDirOpt = None,
-    data_dir: Annotated[str | None, typer.Option("--data-dir", help="Override data.dir.")] = None,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help=field_help("data.dir"))] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Read PDFs, Markdown and text from data.dir into token-counted chunks (chunks.jsonl)."""
@@ -201,11 +224,9 @@ def generate(
     run_dir: RunDirOpt = None,
     total_questions: Annotated[
         int | None,
-        typer.Option("-t", "--total-questions", help="Override generate.total_questions (spread by tokens)."),
+        typer.Option("-t", "--total-questions", help=field_help("generate.total_questions")),
     ] = None,
-    no_cache: Annotated[
-        bool, typer.Option("--no-cache", help="Send every request again instead of reusing cache.sqlite.")
-    ] = False,
+    no_cache: NoCacheOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Ask the teacher for question/answer pairs from every chunk (qa_raw.jsonl, generate_failures.jsonl)."""
@@ -225,12 +246,12 @@ def eval_(
     run_dir: RunDirOpt = None,
     eval_set: Annotated[
         str | None,
-        typer.Option("--eval-set", help='Override eval.eval_set: [{"question", "answer"}] JSON/JSONL.'),
+        typer.Option("--eval-set", help=field_help("eval.eval_set", extra=" JSON or JSONL.")),
     ] = None,
     pairwise: Annotated[
         str | None,
         typer.Option(
-            "--pairwise", help="Two candidates judged head to head, e.g. finetuned,base (eval.pairwise)."
+            "--pairwise", help=field_help("eval.pairwise", extra=" Comma-separated: finetuned,base.")
         ),
     ] = None,
     prompts: Annotated[
@@ -238,15 +259,13 @@ def eval_(
         typer.Option(
             "--prompts",
             exists=True,
-            help="YAML replacing packaged judge prompts (e.g. judge_prompt_template).",
+            help=field_help("eval.prompts"),
         ),
     ] = None,
     no_similarity: Annotated[
-        bool, typer.Option("--no-similarity", help="Skip the MiniLM semantic similarity (saves CPU time).")
+        bool, typer.Option("--no-similarity", help=field_help("eval.similarity", lead="Turn off"))
     ] = False,
-    no_cache: Annotated[
-        bool, typer.Option("--no-cache", help="Send every request again instead of reusing cache.sqlite.")
-    ] = False,
+    no_cache: NoCacheOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Answer the eval set with every candidate and score it: ROUGE, F1, similarity, LLM judge (eval/)."""
@@ -270,19 +289,15 @@ def curate(
     config: ConfigOpt = None,
     sets: SetOpt = None,
     run_dir: RunDirOpt = None,
-    mode: Annotated[
-        str | None, typer.Option("--mode", help="Override curate.mode: score, yesno or off (no judge).")
-    ] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help=field_help("curate.mode"))] = None,
     threshold: Annotated[
-        int | None, typer.Option("--threshold", help="Override curate.threshold (score mode, 1-5).")
+        int | None, typer.Option("--threshold", help=field_help("curate.threshold", extra=" 1-5."))
     ] = None,
     eval_set: Annotated[
         str | None,
-        typer.Option("--eval-set", help="Override curate.eval_set: eval questions kept out of training."),
+        typer.Option("--eval-set", help=field_help("curate.eval_set")),
     ] = None,
-    no_cache: Annotated[
-        bool, typer.Option("--no-cache", help="Send every request again instead of reusing cache.sqlite.")
-    ] = False,
+    no_cache: NoCacheOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Judge, dedup and split qa_raw.jsonl into data.json, train.jsonl and val.jsonl (+ rejects and report)."""
@@ -306,7 +321,8 @@ def finetune(
     sets: SetOpt = None,
     run_dir: RunDirOpt = None,
     output_dir: Annotated[
-        str | None, typer.Option("--output-dir", help="Folder for the adapter (default: {run_dir}/adapter).")
+        str | None,
+        typer.Option("--output-dir", help=f"Folder for the adapter (default: {RUN.adapter.path})."),
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the last checkpoint in the output dir.")
@@ -357,10 +373,10 @@ def finetune(
 def merge(
     adapter: Annotated[
         Path | None,
-        typer.Option("--adapter", exists=True, help="Adapter folder (default: {run_dir}/adapter)."),
+        typer.Option("--adapter", exists=True, help=f"Adapter folder (default: {RUN.adapter.path})."),
     ] = None,
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Folder for the merged model (default: {run_dir}/merged).")
+        Path | None, typer.Option("--out", help=f"Folder for the merged model (default: {RUN.merged}).")
     ] = None,
     base: Annotated[
         str | None, typer.Option("--base", help="Base model (default: the one the adapter was trained on).")
@@ -373,8 +389,8 @@ def merge(
     """Merge a LoRA adapter into its base model: one folder of safetensors + tokenizer + chat template."""
     if adapter is None or out_dir is None:
         cfg = _config(config, sets, (), run_dir=run_dir)
-        adapter = adapter or cfg.run_path / "adapter"
-        out_dir = out_dir or cfg.run_path / "merged"
+        adapter = adapter or cfg.run_folder.adapter.path
+        out_dir = out_dir or cfg.run_folder.merged
     _setup_logging(verbose)
     from doctune.finetune.merge import merge as merge_adapter
 
@@ -397,10 +413,10 @@ def serve_command(
     served_model_name: Annotated[
         str | None, typer.Option("--served-model-name", help="API name of the base model (default: --model).")
     ] = None,
-    host: Annotated[str | None, typer.Option("--host", help="Address to bind (default serve.host).")] = None,
+    host: Annotated[str | None, typer.Option("--host", help=field_help("serve.host"))] = None,
     port: Annotated[
         int | None,
-        typer.Option("--port", min=0, max=65535, help="Port to bind (default serve.port; 0: a free one)."),
+        typer.Option("--port", min=0, max=65535, help=field_help("serve.port", extra=" 0: a free one.")),
     ] = None,
     api_key_env: Annotated[
         str | None,
@@ -508,7 +524,7 @@ def export_command(
     adapter: Annotated[
         Path | None,
         typer.Option(
-            "--adapter", help="Adapter folder, or a merged model folder (default: {run_dir}/adapter)."
+            "--adapter", help=f"Adapter folder, or a merged model folder (default: {RUN.adapter.path})."
         ),
     ] = None,
     base: Annotated[
@@ -518,7 +534,7 @@ def export_command(
         str | None,
         typer.Option(
             "--out",
-            help="GGUF file to write; {type} is replaced by the type (default: {run_dir}/export/chatbot-{type}.gguf).",
+            help=f"GGUF file to write; {{type}} is replaced by the type (default: {RUN.export_gguf}).",
         ),
     ] = None,
     types: Annotated[
@@ -539,8 +555,8 @@ def export_command(
         raise typer.BadParameter(f"{unknown[0]!r}: use {', '.join(TYPES)}", param_hint="--type")
     if adapter is None or out is None:
         cfg = _config(config, sets, (), run_dir=run_dir)
-        adapter = adapter or cfg.run_path / "adapter"
-        out = out or str(cfg.run_path / "export" / "chatbot-{type}.gguf")
+        adapter = adapter or cfg.run_folder.adapter.path
+        out = out or str(cfg.run_folder.export_gguf)
     _setup_logging(verbose)
     _print_summary(export(adapter, out, types=wanted, base=base, progress=RichProgress()))
 

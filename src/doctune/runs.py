@@ -350,6 +350,7 @@ class RunDir:
         # merge and export (commands after the pipeline)
         self.merged = self.path / "merged"
         self.export_dir = self.path / "export"
+        self.export_gguf = self.export_dir / "chatbot-{type}.gguf"  # export's default; {type}: q8_0, ...
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from doctune.evaluate import facts
+from doctune.runs import RunDir
 
 LABELS = {
     "key_fact_recall": "key facts stated",
@@ -40,6 +41,7 @@ UNIT_METRICS = (
     "judge_yes",
 )
 WORST_LIMIT = 10
+RESULTS_FILE = RunDir(".").eval_results.name  # named in the failures list
 STYLE_METRICS = ("rougeL", "similarity")  # named first when they rise; other ROUGE variants only without them
 ROUGE_VARIANTS = ("rouge1", "rouge2", "rougeLsum")
 
@@ -372,7 +374,7 @@ def failure_lines(summary: dict[str, Any]) -> tuple[list[str], list[str]]:
     listed = summary.get("failed_answer_items", []) + summary.get("missing_judgement_items", [])
     items = [f"item {m['index']} · {m['candidate']}: {m['error']}" for m in listed[:50]]
     if len(listed) > 50:
-        items.append(f"… {len(listed) - 50} more in results.jsonl")
+        items.append(f"… {len(listed) - 50} more in {RESULTS_FILE}")
     return facts, items
 
 
