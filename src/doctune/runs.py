@@ -162,9 +162,10 @@ def remove_stray_temporaries(folder: str | Path) -> list[Path]:
     ]
     for path in stray:
         path.unlink(missing_ok=True)
+    # a warning: an earlier run was killed while writing (and the CLI shows it before its logging is set up)
     if stray:
         shown = ", ".join(str(p.relative_to(folder)) for p in stray[:3]) + (", ..." if len(stray) > 3 else "")
-        log.info(
+        log.warning(
             "%s: removed %d temporary file(s) a killed write left behind (%s)", folder, len(stray), shown
         )
     return stray
