@@ -63,7 +63,7 @@ def test_assistant_only_loss_of_a_flat_row_is_the_token_mean_over_samples(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from doctune.finetune.train import _make_trainer_class
+    from doctune.finetune.trainer import make_trainer_class
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -73,7 +73,7 @@ def test_assistant_only_loss_of_a_flat_row_is_the_token_mean_over_samples(
     args = TrainingArguments(
         output_dir=str(tmp_path), use_cpu=True, report_to="none", remove_unused_columns=False
     )
-    trainer = _make_trainer_class()(model=model, args=args, data_collator=data.FlatCollator())
+    trainer = make_trainer_class()(model=model, args=args, data_collator=data.FlatCollator())
     samples = random_samples(seed=1)
     with torch.no_grad():
         loss = trainer.compute_loss(model, data.flatten_batch(samples))
