@@ -274,12 +274,30 @@ def _header_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def render_markdown(summary: dict[str, Any], worst: Sequence[dict[str, Any]]) -> str:
-    cands = list(summary["candidates"])
-    lines = ["# doctune eval report", "", *_header_lines(summary), ""]
+    """report.md: the same parts as report.html, less the chart and the table of every item."""
+    lines = [
+        "# doctune eval report",
+        "",
+        *_header_lines(summary),
+        "",
+        *_md_style_flag(summary),
+        *_md_metrics(summary),
+        *_md_comparison(summary),
+        *_md_pairwise(summary),
+        *_md_failures(summary),
+        *_md_worst(summary, worst),
+    ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _md_style_flag(summary: dict[str, Any]) -> list[str]:
     flag = style_without_facts(summary)
-    if flag:
-        lines += [f"> **Style, not facts:** {_md_cell(flag)}", ""]
-    lines += ["## Metrics (mean [95% bootstrap CI], n items)", ""]
+    return [f"> **Style, not facts:** {_md_cell(flag)}", ""] if flag else []
+
+
+def _md_metrics(summary: dict[str, Any]) -> list[str]:
+    cands = list(summary["candidates"])
+    lines = ["## Metrics (mean [95% bootstrap CI], n items)", ""]
     if summary.get("key_facts"):
         lines += [
             f"Key facts (numbers with units, names, quoted and code spans of the reference): items with "
@@ -293,48 +311,73 @@ def render_markdown(summary: dict[str, Any], worst: Sequence[dict[str, Any]]) ->
             for c in cands
         ]
         lines.append(f"| {label(metric)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _md_comparison(summary: dict[str, Any]) -> list[str]:
     comp = summary.get("comparison")
-    if comp:
-        lines += ["", f"## {comp['a']} − {comp['b']} (paired difference per item, 95% CI)", ""]
-        lines += ["| metric | difference | n |", "|---|---|---|"]
-        for metric in summary["metric_names"]:
-            est = comp["metrics"][metric]
-            lines.append(f"| {label(metric)} | {fmt_difference(est)} | {est['n']} |")
+    if not comp:
+        return []
+    lines = ["", f"## {comp['a']} − {comp['b']} (paired difference per item, 95% CI)", ""]
+    lines += ["| metric | difference | n |", "|---|---|---|"]
+    for metric in summary["metric_names"]:
+        est = comp["metrics"][metric]
+        lines.append(f"| {label(metric)} | {fmt_difference(est)} | {est['n']} |")
+    return lines
+
+
+def _md_pairwise(summary: dict[str, Any]) -> list[str]:
     pair = summary.get("pairwise")
-    if pair:
-        lines += ["", f"## Pairwise judge: {pair['a']} vs {pair['b']}", ""]
-        lines.append(
-            f"Asked in both orders; a win needs the same preference twice. **win {pair['win']} / tie "
-            f"{pair['tie']} / loss {pair['loss']}**, no verdict for {pair['missing']}. "
-            f"Win rate of {pair['a']} (tie = ½): {fmt_estimate(pair['win_rate'])}."
-        )
+    if not pair:
+        return []
+    return [
+        "",
+        f"## Pairwise judge: {pair['a']} vs {pair['b']}",
+        "",
+        f"Asked in both orders; a win needs the same preference twice. **win {pair['win']} / tie "
+        f"{pair['tie']} / loss {pair['loss']}**, no verdict for {pair['missing']}. "
+        f"Win rate of {pair['a']} (tie = ½): {fmt_estimate(pair['win_rate'])}.",
+    ]
+
+
+def _md_failures(summary: dict[str, Any]) -> list[str]:
     facts, failed = failure_lines(summary)
-    lines += [
+    return [
         "",
         "## Failures",
         "",
         *(f"- {line}" for line in facts),
         *(f"  - {_md_cell(x)}" for x in failed),
     ]
-    if comp:
-        lines += ["", f"## {worst_title(summary)}", ""]
-        if not worst:
-            lines.append(no_worst_sentence(summary))
-        for w in worst:
-            ra, rb = w["a"], w["b"]
-            gap = f"{label(comp['ranking_metric'])} gap {w['gap']:.3f}" if w["gap"] is not None else ""
-            lost = "lost the pairwise judgement" if w["lost_pairwise"] else ""
-            lines += [f"### Item {w['index']} — " + ", ".join(x for x in (lost, gap) if x), ""]
-            lines += [f"**Question:** {_md_cell(ra['question'])}", ""]
-            lines += [f"| reference | {comp['a']} | {comp['b']} |", "|---|---|---|"]
-            lines.append(
-                f"| {_md_cell(ra['reference'])} | {_md_cell(ra['answer'] or ra.get('answer_error'))} "
-                f"| {_md_cell(rb['answer'] or rb.get('answer_error'))} |"
-            )
-            if ra.get("judge") or rb.get("judge"):
-                lines.append(f"| *judge* | {_md_cell(_judge_text(ra))} | {_md_cell(_judge_text(rb))} |")
-            lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+
+
+def _md_worst(summary: dict[str, Any], worst: Sequence[dict[str, Any]]) -> list[str]:
+    comp = summary.get("comparison")
+    if not comp:
+        return []
+    lines = ["", f"## {worst_title(summary)}", ""]
+    if not worst:
+        lines.append(no_worst_sentence(summary))
+    for w in worst:
+        lines += _md_worst_item(comp, w)
+    return lines
+
+
+def _md_worst_item(comp: dict[str, Any], w: dict[str, Any]) -> list[str]:
+    ra, rb = w["a"], w["b"]
+    gap = f"{label(comp['ranking_metric'])} gap {w['gap']:.3f}" if w["gap"] is not None else ""
+    lost = "lost the pairwise judgement" if w["lost_pairwise"] else ""
+    lines = [f"### Item {w['index']} — " + ", ".join(x for x in (lost, gap) if x), ""]
+    lines += [f"**Question:** {_md_cell(ra['question'])}", ""]
+    lines += [f"| reference | {comp['a']} | {comp['b']} |", "|---|---|---|"]
+    lines.append(
+        f"| {_md_cell(ra['reference'])} | {_md_cell(ra['answer'] or ra.get('answer_error'))} "
+        f"| {_md_cell(rb['answer'] or rb.get('answer_error'))} |"
+    )
+    if ra.get("judge") or rb.get("judge"):
+        lines.append(f"| *judge* | {_md_cell(_judge_text(ra))} | {_md_cell(_judge_text(rb))} |")
+    lines.append("")
+    return lines
 
 
 def worst_title(summary: dict[str, Any]) -> str:
