@@ -186,3 +186,28 @@ def test_an_interrupted_stage_is_told_to_resume_and_new_inputs_start_over(fake_s
     (cfg.path("data") / "doc.md").write_text("new facts")
     pipeline.run(cfg)
     assert seen == [{"overwrite": True}, {"resume": True}, {"overwrite": True}]
+
+
+def test_a_gguf_model_is_known_by_its_content_not_its_file_time(fake_stages, cfg, monkeypatch):
+    import os
+
+    gguf = cfg.base_dir / "model.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+    raw = {
+        "run_dir": "run",
+        "data": {"dir": "data"},
+        "models": {"student": {"backend": "hf", "model": gguf.name}},
+    }
+    cfg = build_config(raw, cfg.base_dir, stages=())  # only a model to load, no teacher or judge
+    loads_it = pipeline.Stage(dataclasses.replace(fake_stages[1].contract, models=lambda c: ["student"]))
+    monkeypatch.setattr(pipeline, "STAGES", [fake_stages[0], loads_it, fake_stages[2]])
+    pipeline.run(cfg)
+    stat = gguf.stat()
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched (copied back), same bytes
+    CALLS.clear()
+    pipeline.run(cfg)
+    assert CALLS == []
+    gguf.write_bytes(b"GGUF" + bytes(63) + b"\x01")  # another model of the same size
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2 * 10**9))
+    pipeline.run(cfg)
+    assert CALLS == ["generate", "curate"]
