@@ -19,7 +19,8 @@ from tests.finetune.helpers import write_chat_data, yaml_config
 from tests.support.fake_openai import FakeOpenAIServer
 from tests.test_generate import server_config, teacher_reply
 
-from doctune.finetune import train
+from doctune.adapters import AdapterDir
+from doctune.finetune import outputs, train
 from doctune.runs import read_jsonl
 
 HINT = "interrupted: run the same command again to resume"
@@ -105,24 +106,24 @@ def test_ctrl_c_in_finetune_exits_130_and_resume_continues_from_the_checkpoint(t
     write_chat_data(run_dir, n_train=16, n_val=4)
     # 4 steps an epoch, 40 in all, a checkpoint every 2: still training when the first checkpoint appears
     config = yaml_config(tmp_path / "doctune.yaml", run_dir, tiny_model_dir, epochs=10, eval_steps=2)
-    adapter = run_dir / "adapter"
+    adapter = AdapterDir(run_dir / "adapter")
     proc, log = start(["finetune", "-c", str(config)], tmp_path)
     deadline = time.monotonic() + 300
-    while not train.checkpoints(adapter / train.CHECKPOINTS_DIR) and proc.poll() is None:
+    while not train.checkpoints(adapter.checkpoints) and proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
     stderr = interrupt(proc, log)
     assert proc.returncode == 130, stderr[-2000:]
     assert "interrupted: run the same command again with --resume" in stderr, stderr[-2000:]
     assert "Traceback" not in stderr, stderr[-2000:]
-    assert not (adapter / train.INFO_FILE).exists(), "the run finished before Ctrl-C"
-    stopped_at = train.checkpoints(adapter / train.CHECKPOINTS_DIR)[-1].name
+    assert not adapter.info_file.exists(), "the run finished before Ctrl-C"
+    stopped_at = train.checkpoints(adapter.checkpoints)[-1].name
 
     plain = finish(["finetune", "-c", str(config)], tmp_path)  # what the user types first
     assert plain.returncode != 0 and "--resume" in plain.stderr and "Traceback" not in plain.stderr
 
     resumed = finish(["finetune", "-c", str(config), "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    info = json.loads((adapter / train.INFO_FILE).read_text())
+    info = json.loads(adapter.info_file.read_text())
     assert info["resumed_from"].endswith(stopped_at) and info["training"]["steps"] == 40
-    assert train.adapter_tensor_count(adapter) > 0
+    assert outputs.adapter_tensor_count(adapter.path) > 0

@@ -48,10 +48,6 @@ log = logging.getLogger(__name__)
 TENSORBOARD_DIR = "tensorboard"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
-# names tests/test_interrupt.py reads from this module (CHECKPOINTS_DIR and `checkpoints` too)
-INFO_FILE = FINETUNE_INFO
-adapter_tensor_count = outputs.adapter_tensor_count
-
 
 # ---------------------------------------------------------------- settings vs hardware
 
