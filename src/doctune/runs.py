@@ -356,9 +356,6 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
-    def __truediv__(self, name: str) -> Path:  # TODO(#15): remove once every stage uses the attributes
-        return self.path / name
-
     def ensure(self) -> Path:
         return make_dir(self.path)
 

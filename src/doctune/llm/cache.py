@@ -1,7 +1,7 @@
 """The run's response cache: every answered LLM request, so a re-run sends only what never got an answer.
 
 ```python
-cache = ResponseCache(run_dir / "cache.sqlite")
+cache = ResponseCache(cfg.run_folder.cache)
 llm = CachedLLM(backend, cache)          # a hit returns Completion(..., cached=True) without calling backend
 reply = await llm.chat(messages, max_tokens=512)
 await llm.aclose()                       # flushes and closes the cache too

@@ -1,7 +1,7 @@
 """In-process transformers backend (+ optional PEFT adapter): the embedded default, no server needed.
 
 ```python
-llm = HFBackend(cfg.models["student"], adapter=run_dir / "adapter", model_path=cfg.model_source(...))
+llm = HFBackend(cfg.models["student"], adapter=cfg.run_folder.adapter.path, model_path=cfg.model_source(...))
 await llm.preflight()                     # loads now; LLMError (one line) if the model or adapter cannot load
 replies = await asyncio.gather(*(llm.chat(m, max_tokens=256) for m in conversations))
 ```
