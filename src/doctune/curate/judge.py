@@ -35,11 +35,9 @@ def reply_schema(mode: str, *, bounded_strings: bool = False) -> dict[str, Any]:
     """JSON schema of a judge's reply in `mode` (score or yesno); the reason comes first, so the model
     explains before it decides."""
     if mode == "score":
-        value = {"type": "integer", "minimum": 1, "maximum": MAX_SCORE}
-        return replies.verdict_schema("reason", "score", value, bounded_strings=bounded_strings)
+        return replies.score_schema(MAX_SCORE, bounded_strings=bounded_strings)
     if mode == "yesno":
-        value = {"type": "string", "enum": [replies.YES, replies.NO]}
-        return replies.verdict_schema("Reason", "Result", value, bounded_strings=bounded_strings)
+        return replies.yesno_schema(bounded_strings=bounded_strings)
     raise ValueError(f"no judge schema for mode {mode!r}")
 
 

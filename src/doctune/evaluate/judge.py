@@ -36,11 +36,9 @@ def reply_schema(
     """JSON schema of a judge reply (llm/verdict.py); the seed's keys (`Reason`, `Result`) in yesno mode.
     `bounded_strings` (in-process decoding) bounds the reason; servers get plain text, so a reason may quote."""
     if kind == "score":
-        value = {"type": "integer", "minimum": 1, "maximum": MAX_SCORE}
-        return replies.verdict_schema("reason", "score", value, bounded_strings=bounded_strings)
+        return replies.score_schema(MAX_SCORE, bounded_strings=bounded_strings)
     if kind == "yesno":
-        value = {"type": "string", "enum": [replies.YES, replies.NO]}
-        return replies.verdict_schema("Reason", "Result", value, bounded_strings=bounded_strings)
+        return replies.yesno_schema(bounded_strings=bounded_strings)
     value = {"type": "string", "enum": list(WINNERS)}
     return replies.verdict_schema("reason", "winner", value, bounded_strings=bounded_strings)
 

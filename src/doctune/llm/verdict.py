@@ -60,6 +60,18 @@ def verdict_schema(
     }
 
 
+def score_schema(high: int, *, bounded_strings: bool = False) -> dict[str, Any]:
+    """`{"reason": str, "score": 1..high}`: the score reply of both judges."""
+    value = {"type": "integer", "minimum": 1, "maximum": high}
+    return verdict_schema("reason", "score", value, bounded_strings=bounded_strings)
+
+
+def yesno_schema(*, bounded_strings: bool = False) -> dict[str, Any]:
+    """The seed recipe's `{"Reason": str, "Result": "YES"|"NO"}`."""
+    value = {"type": "string", "enum": [YES, NO]}
+    return verdict_schema("Reason", "Result", value, bounded_strings=bounded_strings)
+
+
 def reply_object(text: str) -> dict[str, Any]:
     """The JSON object of a reply (repaired if need be; a list holding one object is that object), its keys
     stripped and lower-cased. Raises ReplyParseError when there is none.
