@@ -60,3 +60,34 @@ def smollm2_folder(smollm2_gguf, doctune_cache):
     from doctune.models import resolve
 
     return resolve(smollm2_gguf).folder
+
+
+_PATCHED_BY_LOADS = ("tie_weights", "init_weights")  # transformers swaps these on the class during a load
+_intact_methods: dict[str, object] = {}
+
+
+@pytest.fixture(autouse=True)
+def transformers_classes_intact():
+    """After each test, transformers' PreTrainedModel still has its own tie_weights/init_weights. Two models
+    loaded at once outside doctune.models' lock can leave a load's no-op there for the rest of the process (every
+    later tied model gets an empty head): the test that did it fails here, and the methods are put back."""
+    import sys
+
+    yield
+    module = sys.modules.get("transformers.modeling_utils")
+    if module is None:
+        return
+    cls = module.PreTrainedModel
+    broken = []
+    for name in _PATCHED_BY_LOADS:
+        method = cls.__dict__.get(name)
+        if getattr(method, "__qualname__", "") == f"PreTrainedModel.{name}":
+            _intact_methods.setdefault(name, method)
+        else:
+            broken.append(f"{name} is {getattr(method, '__qualname__', method)!r}")
+            if name in _intact_methods:
+                setattr(cls, name, _intact_methods[name])
+    assert not broken, (
+        "this test left transformers' PreTrainedModel patched (" + "; ".join(broken) + "): two models were "
+        "loaded at once outside doctune.models' one-at-a-time lock"
+    )

@@ -420,3 +420,33 @@ def test_models_loaded_from_several_threads_at_once_keep_their_tied_heads(tiny_m
     assert PreTrainedModel.tie_weights is tie_weights  # transformers' class is as it was
     assert len(loaded) == 24
     assert all(m.get_output_embeddings().weight is m.get_input_embeddings().weight for m in loaded)
+
+
+def test_minilm_loads_under_the_same_lock_as_the_models(tiny_model_dir, monkeypatch):
+    """eval embeds references with MiniLM in its metrics thread while the candidates load: MiniLM goes through
+    transformers' from_pretrained too, so it takes the same one-at-a-time lock."""
+    import threading
+
+    import torch
+    from transformers import PreTrainedModel
+
+    tie_weights = PreTrainedModel.tie_weights
+    monkeypatch.setattr(models, "_MINILM", {})
+    failures = []
+
+    def minilm() -> None:
+        try:
+            for _ in range(10):
+                models._MINILM.clear()
+                models.load_minilm("cpu")
+        except Exception as exc:  # reported below
+            failures.append(exc)
+
+    thread = threading.Thread(target=minilm)
+    thread.start()
+    while thread.is_alive():  # the candidates load while MiniLM does
+        models.load_causal_lm(tiny_model_dir, dtype=torch.float32, device="cpu")
+    thread.join()
+    assert failures == []
+    assert PreTrainedModel.tie_weights is tie_weights
+    assert models.load_minilm("cpu").encode(["a pump"]).shape == (1, 384)

