@@ -158,6 +158,13 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:  # library warnings that say nothing a doctune user can act on
+        import warnings
+
+        # PEFT, saving an adapter of a .gguf base: it cannot look for a resized vocabulary there (doctune never
+        # resizes it)
+        warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
 
 
 @app.command()

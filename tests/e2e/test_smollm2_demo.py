@@ -68,6 +68,7 @@ def doctune(*args: str) -> subprocess.CompletedProcess:
         env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning:" not in proc.stderr, proc.stderr[-3000:]  # no library warning the user cannot act on
     return proc
 
 
