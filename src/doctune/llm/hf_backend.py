@@ -37,6 +37,7 @@ from doctune.adapters import AdapterDir
 from doctune.config import ModelConfig
 from doctune.errors import DoctuneError, LLMError
 from doctune.llm.base import Completion, RequestFailed
+from doctune.llm.rows import take_token
 from doctune.runs import sha256_file, sha256_text
 
 log = logging.getLogger(__name__)
@@ -91,22 +92,8 @@ class _Row:
         return self.finish_reason is not None
 
     def push(self, token: int) -> None:
-        if self.finished:
+        if not take_token(self, token, self.loaded.eos_ids, self._token_bytes, "json_schema"):
             return
-        if self.cancelled:
-            self.finish_reason = "cancelled"
-            return
-        self.generated.append(token)
-        if token in self.loaded.eos_ids:
-            self._finish("stop")
-            return
-        if self.matcher is not None:
-            if not self.matcher.accept_token(token):
-                self.fail(f"token {token} broke the json_schema grammar")
-                return
-            token_bytes = self.loaded.grammars().guard.token_bytes
-            if token < len(token_bytes):
-                self.grammar_tail = (self.grammar_tail + token_bytes[token])[-4:]
         if self.stop and self._stop_in_tail():
             self._finish("stop")
         elif len(self.generated) >= self.params.max_tokens:
@@ -117,6 +104,9 @@ class _Row:
             return
         self.finish_reason = "error"
         self.done(RequestFailed(message))
+
+    def _token_bytes(self) -> list[bytes]:
+        return self.loaded.grammars().guard.token_bytes
 
     def _stop_in_tail(self) -> bool:
         if not self._window:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from doctune.llm.rows import take_token
+
 
 class RequestRejected(Exception):
     """A request the server refuses: `status` is the HTTP code, `param` the request field at fault (if any)."""
@@ -114,21 +116,8 @@ class Sequence:
 
     def push(self, token: int) -> None:
         """Take the model's next token: emit the text it completes, and finish when the request is over."""
-        if self.finished:
+        if not take_token(self, token, self.eos_ids, lambda: self.token_bytes, "response_format"):
             return
-        if self.cancelled:
-            self.finish_reason = "cancelled"
-            return
-        self.generated.append(token)
-        if token in self.eos_ids:
-            self._finish("stop")
-            return
-        if self.matcher is not None:
-            if not self.matcher.accept_token(token):
-                self.fail(f"token {token} broke the response_format grammar")
-                return
-            if self.token_bytes is not None and token < len(self.token_bytes):
-                self.grammar_tail = (self.grammar_tail + self.token_bytes[token])[-4:]
         self._text += self._new_text()
         if self._emit():
             return
