@@ -115,6 +115,7 @@ def run(
     """Run the selected stages in order; `on_stage` is called after each (the CLI prints its summary)."""
     progress = progress or NullProgress()
     run_dir = cfg.run_folder
+    run_dir.remove_stray_temporaries()  # once: no stage of this process leaves any (see runs.py)
     outcomes: list[StageOutcome] = []
     rerun_rest = force or from_stage is not None
     for stage in select(from_stage, only):
@@ -127,7 +128,6 @@ def run(
             rerun_rest = True
             started = run_dir.manifest().get("pipeline_started", {}).get(stage.name)
             resuming = started == fingerprint and not force
-            run_dir.remove_stray_temporaries()
             run_dir.set_manifest("pipeline_started", stage.name, fingerprint)
             t0 = time.perf_counter()
             summary = stage.load()(cfg, progress=progress, **stage.options(resuming))

@@ -24,6 +24,7 @@ from typing import Any
 
 from doctune.adapters import METRICS, README, AdapterDir
 from doctune.config import Config
+from doctune.curate import extra_pairs
 from doctune.runs import OUTPUT_MARKER, RunDir
 
 # Files of an adapter folder that loading it never reads (everything else at its top level is hashed).
@@ -91,10 +92,6 @@ def _optional(cfg: Config, value: str | None) -> list[Path]:
     return [cfg.path(value)] if value else []
 
 
-def _listed(value: str | list[str] | None) -> list[str]:
-    return [value] if isinstance(value, str) else list(value or [])
-
-
 def _model_adapters(cfg: Config, names: list[str]) -> list[Path]:
     """The `adapter:` folders of the named models (an hf model may carry one)."""
     return [cfg.path(cfg.models[n].adapter) for n in names if n in cfg.models and cfg.models[n].adapter]
@@ -123,7 +120,7 @@ def _curate_external(cfg: Config) -> list[Path]:
     return [
         *_optional(cfg, cur.eval_set),
         *_optional(cfg, cur.prompts),
-        *(cfg.path(p) for p in _listed(cur.extra_pairs)),
+        *(cfg.path(p) for p in extra_pairs.configured(cur.extra_pairs)),
     ]
 
 
