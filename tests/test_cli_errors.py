@@ -9,12 +9,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import typer.main
+from tests.support.serve_process import start_serve, wait_for_url
 
 from doctune.cli import app
 
@@ -261,33 +261,10 @@ def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads(tmp_path):
 
 @pytest.mark.slow
 def test_serve_on_port_0_prints_the_port_it_really_listens_on(tiny_model_dir, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "200"}
-    proc = subprocess.Popen(
-        [DOCTUNE, "serve", "--model", str(tiny_model_dir), "--port", "0"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    proc = start_serve("--model", str(tiny_model_dir), "--port", "0", cwd=tmp_path)
     try:
-        url = None
-        deadline = time.monotonic() + 90
-        while url is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, "serve ended before it printed its URL"
-            if "doctune serve: http://" in line:
-                url = line.split("doctune serve: ")[1].split()[0]
-        assert url is not None and not url.endswith(":0") and not url.endswith(":8000")
-        for _ in range(100):  # the URL is printed just before uvicorn binds
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as reply:
-                    assert reply.status == 200
-                    break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail(f"nothing answers at {url}")
+        url = wait_for_url(proc, timeout=100)  # answers /health there
+        assert not url.endswith(":0") and not url.endswith(":8000")
     finally:
         proc.terminate()
         proc.wait(30)

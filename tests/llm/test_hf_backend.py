@@ -147,28 +147,36 @@ def test_requests_with_different_parameters_share_a_batch_and_keep_their_own(llm
     assert [r.text for r in replies] == [r.text for r in alone]
 
 
-def test_continuous_batching_gives_model_generates_greedy_answers(llm):
-    """Rows refilled as others finish (batch of 3, eight requests of different lengths) write exactly what
-    transformers' own `generate` writes for each prompt alone."""
-    small = backend(llm_model_dir(llm), batch=3)
-    limits = [4, 30, 7, 30, 2, 16, 30, 5]
+def assert_answers_as_generate_alone(llm, conversations, limits) -> list:
+    """Send every conversation at once (each with its max_tokens) and assert each reply is what transformers'
+    own greedy `generate` writes for that prompt alone, the end-of-turn token left out. Returns the replies."""
 
     async def go():
         return await asyncio.gather(
-            *(small.chat(m, max_tokens=n) for m, n in zip(CONVERSATIONS, limits, strict=True))
+            *(llm.chat(m, max_tokens=n) for m, n in zip(conversations, limits, strict=True))
         )
 
     replies = run(go())
-    loaded = small._loaded
-    for messages, limit, reply in zip(CONVERSATIONS, limits, replies, strict=True):
+    loaded = llm._loaded
+    for messages, limit, reply in zip(conversations, limits, replies, strict=True):
         ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
         out = loaded.model.generate(
             torch.tensor([ids]), max_new_tokens=limit, do_sample=False, eos_token_id=sorted(loaded.eos_ids)
         )
         expected = out[0, len(ids) :].tolist()
-        if expected[-1] in loaded.eos_ids:
+        if (
+            expected[-1] in loaded.eos_ids
+        ):  # generate alone stops at the end of turn: only the last can be one
             expected = expected[:-1]
         assert reply.text == loaded.tokenizer.decode(expected, skip_special_tokens=True)
+    return replies
+
+
+def test_continuous_batching_gives_model_generates_greedy_answers(llm):
+    """Rows refilled as others finish (batch of 3, eight requests of different lengths) write exactly what
+    transformers' own `generate` writes for each prompt alone."""
+    small = backend(llm_model_dir(llm), batch=3)
+    assert_answers_as_generate_alone(small, CONVERSATIONS, [4, 30, 7, 30, 2, 16, 30, 5])
     assert small.stats["batches"] > 1 and small.stats["largest_batch"] == 3  # newcomers joined running rows
     run(small.aclose())
 
@@ -419,22 +427,7 @@ def test_smollm2_answers_do_not_change_under_continuous_batching(smollm2_folder)
     llm = backend(smollm2_folder, batch=4)
     questions = ["What is the capital of France?", "Name a primary color.", "What is 2 + 2?", "Say hello."]
     conversations = [[{"role": "user", "content": q}] for q in questions * 2]
-    limits = [10, 16, 6, 12, 16, 6, 12, 8]
-
-    async def go():
-        return await asyncio.gather(
-            *(llm.chat(m, max_tokens=n) for m, n in zip(conversations, limits, strict=True))
-        )
-
-    replies = run(go())
-    loaded = llm._loaded
-    for messages, limit, reply in zip(conversations, limits, replies, strict=True):
-        ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-        out = loaded.model.generate(
-            torch.tensor([ids]), max_new_tokens=limit, do_sample=False, eos_token_id=sorted(loaded.eos_ids)
-        )
-        expected = [t for t in out[0, len(ids) :].tolist() if t not in loaded.eos_ids]
-        assert reply.text == loaded.tokenizer.decode(expected, skip_special_tokens=True)
+    replies = assert_answers_as_generate_alone(llm, conversations, [10, 16, 6, 12, 16, 6, 12, 8])
     assert "Paris" in replies[0].text
     assert llm.stats["batches"] > 1 and llm.stats["largest_batch"] == 4
     run(llm.aclose())
