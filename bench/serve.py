@@ -89,12 +89,32 @@ def load(model_ref: str) -> tuple[Any, Any]:
 # ---------------------------------------------------------------- ceiling: one static batch
 
 
+def first_token_streamer() -> Any:
+    """A `generate` streamer whose `.at` is the time the first generated token arrived (its first call is the
+    prompt)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstToken(BaseStreamer):
+        def __init__(self) -> None:
+            self.calls = 0
+            self.at: float | None = None
+
+        def put(self, value: Any) -> None:
+            self.calls += 1
+            if self.calls == 2 and self.at is None:
+                self.at = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    return FirstToken()
+
+
 def static_batch(
     model_ref: str, conversations: list[list[dict[str, str]]], max_tokens: int, threads: int
 ) -> dict[str, Any]:
     """Every request in ONE greedy `generate` call (left padding). Tokens: each row's up to its eos."""
     import torch
-    from transformers.generation.streamers import BaseStreamer
 
     from doctune.serve.models import ServedModel, render_prompt
 
@@ -107,20 +127,8 @@ def static_batch(
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
-    class FirstToken(BaseStreamer):
-        def __init__(self) -> None:
-            self.calls, self.at = 0, None
-
-        def put(self, value: Any) -> None:
-            self.calls += 1
-            if self.calls == 2 and self.at is None:  # the first call is the prompt
-                self.at = time.perf_counter()
-
-        def end(self) -> None:
-            pass
-
     def generate(rows: int) -> tuple[Any, float | None]:
-        streamer = FirstToken()
+        streamer = first_token_streamer()
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids[:rows],
@@ -155,29 +163,15 @@ def one_at_a_time(
     import torch
 
     torch.set_num_threads(threads)
-    from transformers.generation.streamers import BaseStreamer
 
     from doctune.serve.models import ServedModel, render_prompt
 
     tokenizer, model = load(model_dir)
     served = ServedModel("base", "__base__", str(model_dir), None, None)
 
-    class FirstToken(BaseStreamer):
-        def __init__(self) -> None:
-            self.calls = 0
-            self.at: float | None = None
-
-        def put(self, value: Any) -> None:
-            self.calls += 1
-            if self.calls == 2 and self.at is None:  # the first call is the prompt
-                self.at = time.perf_counter()
-
-        def end(self) -> None:
-            pass
-
     def generate(conversation: list[dict[str, str]]) -> tuple[int, float | None]:
         ids = torch.tensor([render_prompt(tokenizer, served, conversation)])
-        streamer = FirstToken()
+        streamer = first_token_streamer()
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids,
