@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from doctune import models
+from doctune.adapters import AdapterDir
 from doctune.errors import InputError
 
 DOCTUNE = [sys.executable, "-m", "doctune"]
@@ -199,7 +200,7 @@ def test_a_hub_name_not_in_the_cache_is_one_line(monkeypatch):
 
 def test_an_adapter_loads_on_its_base_and_records_it(tiny_model_dir, tmp_path):
     adapter = make_lora(tiny_model_dir, tmp_path / "adapter")
-    assert models.adapter_base_model(adapter) == str(tiny_model_dir)
+    assert AdapterDir(adapter).checked().base_model() == str(tiny_model_dir)
     model = models.load_adapter(models.load_causal_lm(str(tiny_model_dir)), adapter, adapter_name="docs")
     assert "docs" in model.peft_config
     model = models.load_adapter(model, adapter, adapter_name="second")  # a PeftModel gets one more

@@ -267,16 +267,6 @@ def _hub_hint(ref: ModelRef) -> str:
 # ------------------------------------------------------------------------------------------- adapters
 
 
-def adapter_folder(adapter: str | Path) -> Path:
-    """`adapter` checked to be a PEFT adapter folder (adapter_config.json that is JSON, weights beside it)."""
-    return AdapterDir(adapter).checked(adapter).path
-
-
-def adapter_base_model(adapter: str | Path) -> str | None:
-    """The base model an adapter was trained on (see AdapterDir.base_model); None when nothing names one."""
-    return AdapterDir(adapter).checked(adapter).base_model()
-
-
 def load_adapter(
     model: Any,
     adapter: str | Path,
@@ -290,7 +280,7 @@ def load_adapter(
     naming both, found from the shapes in its safetensors header before any weight is loaded."""
     from peft import PeftModel
 
-    folder = adapter_folder(adapter)
+    folder = AdapterDir(adapter).checked(adapter).path
     model_name = base.reference if isinstance(base, ModelRef) else str(base or model.name_or_path)
     check_adapter_fits(model, folder, model_name)
     name = adapter_name or "default"
@@ -321,7 +311,7 @@ def check_adapter_fits(model: Any, adapter: Path, model_name: str) -> None:
             problem = _misfit(base, key, tuple(f.get_slice(key).get_shape()))
             if problem:
                 raise _mismatch(adapter, model_name, problem)
-    trained_on = adapter_base_model(adapter)
+    trained_on = AdapterDir(adapter).base_model()
     if trained_on and not _same_model(trained_on, model_name):
         log.warning(
             "adapter %s was trained on %s; loading it on %s (its shapes fit)", adapter, trained_on, model_name
@@ -352,7 +342,7 @@ def _misfit(base: Any, key: str, shape: tuple[int, ...]) -> str | None:
 
 
 def _mismatch(adapter: Path, model_name: str, detail: str) -> InputError:
-    trained_on = adapter_base_model(adapter) or "an unrecorded model"
+    trained_on = AdapterDir(adapter).base_model() or "an unrecorded model"
     return InputError(
         f"adapter {adapter} was trained on {trained_on}, not on {model_name} ({detail}); load it on the base "
         "model it was trained on"

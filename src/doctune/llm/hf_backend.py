@@ -411,7 +411,7 @@ def _load_model(model_path: str, adapter: Path | None, cfg: ModelConfig) -> _Loa
     try:
         ref = models.resolve(model_path)
         if adapter is not None:
-            models.adapter_folder(adapter)
+            AdapterDir(adapter).checked(adapter)
         has_tokenizer = adapter is not None and AdapterDir(adapter).has_tokenizer()
         tokenizer = models.load_tokenizer(adapter if has_tokenizer else ref, chat_template=True)
         model = models.load_causal_lm(ref, dtype=cfg.dtype, device=device)
