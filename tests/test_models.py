@@ -349,7 +349,7 @@ def test_a_gguf_model_answers_and_its_adapters_record_the_gguf_as_base(
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     peft_model.save_pretrained(tmp_path / "adapter")
-    assert models.adapter_base_model(tmp_path / "adapter") == str(smollm2_gguf)
+    assert AdapterDir(tmp_path / "adapter").checked().base_model() == str(smollm2_gguf)
 
 
 @pytest.mark.slow
