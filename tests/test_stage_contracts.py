@@ -203,6 +203,29 @@ def test_a_changed_input_reruns_its_first_reader_and_every_stage_after_it(first_
 
 
 @pytest.mark.slow
+def test_other_packaged_templates_rerun_the_stage_that_fills_them(first_run, tmp_path, monkeypatch):
+    """A doctune upgrade whose packaged curate templates differ: curate runs again on them, ingest and generate
+    are skipped."""
+    from doctune import pipeline, prompts
+    from doctune.config import load_config
+
+    project, pristine, _ = first_run
+    restore(project, pristine)
+    edit_yaml(project / "doctune.yaml", lambda raw: raw["curate"].pop("prompts"))  # the packaged ones, then
+    pipeline.run(load_config(project / "doctune.yaml"))
+    upgraded = tmp_path / "curate.yaml"
+    shutil.copy(PROMPTS / "curate.yaml", upgraded)
+    edit_prompt(upgraded)
+    installed = prompts.packaged_prompt_file
+    monkeypatch.setattr(
+        prompts, "packaged_prompt_file", lambda name: upgraded if name == "curate" else installed(name)
+    )
+    assert "Be brief." in prompts.load_prompts("curate")["curation_prompt_template"]
+    outcomes = {o.name: o.status for o in pipeline.run(load_config(project / "doctune.yaml"))}
+    assert (outcomes["ingest"], outcomes["generate"], outcomes["curate"]) == ("skipped", "skipped", "ran")
+
+
+@pytest.mark.slow
 def test_every_file_a_stage_reads_is_declared_in_its_contract(first_run):
     from doctune import stages
     from doctune.config import load_config
@@ -228,9 +251,9 @@ def test_every_file_a_stage_reads_is_declared_in_its_contract(first_run):
 
 
 def _not_run_inputs() -> list[str]:
-    """What no contract declares by design: Python and installed packages (doctune's packaged prompts
-    included: they belong to the installed version), doctune's model cache, matplotlib's font cache (the eval
-    report's plots), the operating system's files."""
+    """What no contract declares as a file by design: Python and installed packages (doctune's packaged
+    prompts included: contracts name them in `prompts`, fingerprinted by content), doctune's model cache,
+    matplotlib's font cache (the eval report's plots), the operating system's files."""
     import site
 
     import matplotlib

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from doctune import prompts
 from doctune.config import Config
 from doctune.errors import ConfigError
 from doctune.models import model_identity
@@ -45,8 +46,11 @@ class Stage:
         """sha256 of everything the contract says the stage depends on (missing files are left out)."""
         c = self.contract
         files = [*c.reads(cfg.run_folder), *c.external(cfg)]
+        packaged = {name: sha256_file(prompts.packaged_prompt_file(name)) for name in c.prompts}
         return sha256_json(
             {
+                # only where a stage has packaged templates, so the other stages' fingerprints stay as they were
+                **({"packaged_prompts": packaged} if packaged else {}),
                 "inputs": {str(p): sha256_file(p) for p in files if p.is_file()},
                 "adapters": {
                     str(a): {f.name: sha256_file(f) for f in adapter_files(a)} for a in c.adapters(cfg)

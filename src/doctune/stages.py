@@ -5,6 +5,8 @@ A contract names, for one stage:
 - `reads`: files of the run an earlier stage wrote (RunDir attributes);
 - `sections`: the config sections whose values it depends on;
 - `external`: files outside the run it reads: the documents, prompt files, eval sets, the user's own pairs;
+- `prompts`: the packaged prompt templates it fills (doctune.prompts; a user's prompt file replaces only the
+  keys it has), so that a doctune upgrade with other templates re-runs the stage;
 - `adapters`: adapter folders it loads (an eval candidate's, a model's `adapter:`), wherever they are kept;
 - `models`: names in `models:` it loads (their config and the identity of what they point to: see
   doctune.models.model_identity); `tokenizers`: other model references it loads (data.tokenizer);
@@ -44,6 +46,7 @@ class StageContract:
     reads: Callable[[RunDir], list[Path]] = _none
     sections: tuple[str, ...] = ()
     external: Callable[[Config], list[Path]] = _none
+    prompts: tuple[str, ...] = ()
     adapters: Callable[[Config], list[Path]] = _none
     models: Callable[[Config], list[str]] = _none
     tokenizers: Callable[[Config], list[str]] = _none
@@ -146,6 +149,7 @@ CONTRACTS: list[StageContract] = [
         reads=lambda r: [r.chunks],
         sections=("generate",),
         external=lambda c: _optional(c, c.generate.prompts),
+        prompts=("generate",),
         adapters=lambda c: _model_adapters(c, [c.generate.model]),
         models=lambda c: [c.generate.model],
         writes=lambda r: [r.qa_raw],
@@ -157,6 +161,7 @@ CONTRACTS: list[StageContract] = [
         reads=lambda r: [r.qa_raw],
         sections=("curate",),
         external=_curate_external,
+        prompts=("curate",),
         adapters=lambda c: _model_adapters(c, [c.curate.model]),
         models=lambda c: [c.curate.model],
         writes=lambda r: [r.train, r.val, r.data_json],
@@ -180,6 +185,7 @@ CONTRACTS: list[StageContract] = [
         reads=lambda r: [r.adapter.info_file],
         sections=("eval",),
         external=lambda c: [c.path(c.eval.eval_set), *_optional(c, c.eval.prompts)],
+        prompts=("eval",),
         adapters=_eval_adapters,
         models=_eval_models,
         writes=lambda r: [r.eval_summary],

@@ -20,10 +20,14 @@ log = logging.getLogger(__name__)
 STAGES = ("generate", "curate", "eval")  # the packaged prompt files
 
 
+def packaged_prompt_file(name: str) -> Path:
+    """`src/doctune/prompts/{name}.yaml`, where this installation keeps it."""
+    return Path(str(resources.files("doctune.prompts").joinpath(f"{name}.yaml")))
+
+
 def packaged_prompts(name: str) -> dict[str, str]:
     """The templates of `src/doctune/prompts/{name}.yaml`."""
-    text = resources.files("doctune.prompts").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)
+    return yaml.safe_load(packaged_prompt_file(name).read_text(encoding="utf-8"))
 
 
 def load_prompts(name: str, override: str | Path | None = None) -> dict[str, str]:
