@@ -211,3 +211,35 @@ def test_a_gguf_model_is_known_by_its_content_not_its_file_time(fake_stages, cfg
     os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2 * 10**9))
     pipeline.run(cfg)
     assert CALLS == ["generate", "curate"]
+
+
+def test_a_missing_outside_file_of_a_later_stage_stops_the_run_before_any_stage(tmp_path):
+    """A wrong eval-set path is reported before ingest starts, not after generation and training; every missing
+    file is named with the stage that reads it."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# Lumen\n\nLumen Notes syncs every five minutes.\n")
+    cfg = build_config(
+        {
+            "run_dir": "run",
+            "data": {"dir": "docs"},
+            "models": {
+                "teacher": {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "teacher"},
+                "student": {"backend": "hf", "model": "no-such-model"},
+            },
+            "generate": {"model": "teacher", "prompts": "my-prompts.yaml"},
+            "curate": {"model": "teacher"},
+            "finetune": {"model": "student"},
+            "eval": {"eval_set": "eval_set.jsn", "judge": None, "candidates": {"base": {"model": "student"}}},
+        },
+        tmp_path,
+    )
+    with pytest.raises(ConfigError) as caught:
+        pipeline.run(cfg)
+    problems = caught.value.problems
+    assert problems == [
+        f"{tmp_path / 'my-prompts.yaml'}: not found, and generate reads it; fix the path in the config",
+        f"{tmp_path / 'eval_set.jsn'}: not found, and eval reads it; fix the path in the config",
+    ]
+    assert not cfg.run_folder.chunks.exists()
+    # only the selected stages' files count: --only ingest needs neither
+    assert [o.name for o in pipeline.run(cfg, only="ingest")] == ["ingest"]

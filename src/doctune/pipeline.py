@@ -107,6 +107,24 @@ def select(from_stage: str | None, only: str | None) -> list[Stage]:
     return STAGES[start:]
 
 
+def check_outside_files(cfg: Config, stages: list[Stage]) -> None:
+    """ConfigError naming every file outside the run (prompt file, eval set, the user's pairs) that a selected
+    stage reads and that is not there: found before the first stage starts, so a wrong `eval.eval_set` is
+    reported now, not after hours of generation and training."""
+    readers: dict[Path, list[str]] = {}
+    for stage in stages:
+        for path in stage.contract.external(cfg):
+            if not path.exists():
+                readers.setdefault(path, []).append(stage.name)
+    missing = [
+        f"{path}: not found, and {' and '.join(names)} read{'s' if len(names) == 1 else ''} it; "
+        "fix the path in the config"
+        for path, names in readers.items()
+    ]
+    if missing:
+        raise ConfigError(missing, source="doctune run (no stage was started)")
+
+
 def run(
     cfg: Config,
     *,
@@ -118,11 +136,13 @@ def run(
 ) -> list[StageOutcome]:
     """Run the selected stages in order; `on_stage` is called after each (the CLI prints its summary)."""
     progress = progress or NullProgress()
+    stages = select(from_stage, only)
+    check_outside_files(cfg, stages)
     run_dir = cfg.run_folder
     run_dir.remove_stray_temporaries()  # once: no stage of this process leaves any (see runs.py)
     outcomes: list[StageOutcome] = []
     rerun_rest = force or from_stage is not None
-    for stage in select(from_stage, only):
+    for stage in stages:
         recorded = run_dir.manifest().get("pipeline", {}).get(stage.name)
         fingerprint = stage.fingerprint(cfg)
         if not rerun_rest and recorded == fingerprint and stage.done(cfg):
