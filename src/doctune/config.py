@@ -250,7 +250,9 @@ class EvalConfig(Section):
     )
     pairwise: list[str] | None = Field(None, description="Two candidate names judged head to head.")
     similarity: bool = Field(
-        True, description="Score answers by MiniLM embedding similarity to the reference (costs CPU time)."
+        True,
+        description="Score answers by MiniLM embedding similarity to the reference (costs CPU time; vectors are "
+        "kept in `eval/embeddings.sqlite`, so a re-run embeds only new texts).",
     )
     prompts: str | None = Field(
         None, description="YAML with judge_prompt_template (seed format); null: packaged."

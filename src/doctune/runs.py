@@ -346,6 +346,7 @@ class RunDir:
         self.eval_dir = self.path / "eval"
         self.eval_results = self.eval_dir / "results.jsonl"
         self.eval_summary = self.eval_dir / "summary.json"
+        self.eval_embeddings = self.eval_dir / "embeddings.sqlite"  # MiniLM vectors of texts eval has seen
         self.eval_report_md = self.eval_dir / "report.md"
         self.eval_report_html = self.eval_dir / "report.html"
         # merge and export (commands after the pipeline)

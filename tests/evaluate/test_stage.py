@@ -9,7 +9,7 @@ from tests.support.fake_openai import FakeOpenAIServer, Reply
 
 from doctune.config import build_config
 from doctune.errors import ConfigError, FailureRateError, InputError
-from doctune.evaluate.metrics import ROUGE_TYPES, sentences_on_lines
+from doctune.evaluate.metrics import ROUGE_TYPES, Embedder, sentences_on_lines
 from doctune.evaluate.stage import resolve_candidates, run, training_system_prompt
 from doctune.pipeline import overview
 from doctune.runs import read_jsonl
@@ -173,13 +173,22 @@ def test_eval_writes_every_output_and_rouge_matches_rouge_score(tmp_path, server
 
 
 @pytest.mark.slow
-def test_two_runs_over_one_cache_give_identical_summaries(tmp_path, server):
+def test_two_runs_over_one_cache_give_identical_summaries(tmp_path, server, monkeypatch):
+    """The second run sends no request and embeds no text (replies from cache.sqlite, MiniLM vectors from
+    eval/embeddings.sqlite), and writes the same summary."""
+    embedded: list[str] = []
+    encode = Embedder._encode
+    monkeypatch.setattr(
+        Embedder, "_encode", lambda self, texts: embedded.extend(texts) or encode(self, texts)
+    )
     cfg = make_config(tmp_path, server.base_url, eval_name="eval.jsonl", pairwise=["base", "finetuned"])
     run(cfg)
     first = (cfg.run_path / "eval" / "summary.json").read_bytes()
-    before = server.total_requests()
+    assert set(embedded) >= {item["answer"] for item in ITEMS}  # references and answers
+    before, embedded_first = server.total_requests(), len(embedded)
     run(cfg)
     assert server.total_requests() == before  # everything came from cache.sqlite
+    assert len(embedded) == embedded_first  # and every vector from the embedding store
     assert (cfg.run_path / "eval" / "summary.json").read_bytes() == first
     summ = json.loads(first)
     assert (summ["pairwise"]["win"], summ["pairwise"]["loss"]) == (

@@ -128,11 +128,13 @@ def _minilm(device: str) -> Any:
 
 
 class Embedder:
-    """Sentence embeddings from the packaged all-MiniLM-L6-v2 (no download), loaded on first use."""
+    """Sentence embeddings from the packaged all-MiniLM-L6-v2 (no download), loaded on first use. With a `store`
+    (evaluate/embedding_store.py), texts embedded before are read from it and new ones are added to it."""
 
-    def __init__(self, device: str = "auto", batch_size: int = 32):
+    def __init__(self, device: str = "auto", batch_size: int = 32, store: Any = None):
         self.device = device
         self.batch_size = batch_size
+        self.store = store
 
     def _model(self) -> Any:
         device = self.device
@@ -142,15 +144,29 @@ class Embedder:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return _minilm(device)
 
-    def embed(self, texts: Sequence[str]) -> Any:
-        """Unit-length embeddings, one row per text (numpy float32)."""
+    def _encode(self, texts: list[str]) -> Any:
         return self._model().encode(
-            list(texts),
+            texts,
             batch_size=self.batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
         )
+
+    def embed(self, texts: Sequence[str]) -> Any:
+        """Unit-length embeddings, one row per text (numpy float32)."""
+        texts = list(texts)
+        if self.store is None or not texts:
+            return self._encode(texts)
+        import numpy as np
+
+        known = self.store.get(texts)
+        new = [t for t in dict.fromkeys(texts) if t not in known]
+        if new:
+            vectors = self._encode(new)
+            self.store.put(new, vectors)
+            known.update(zip(new, vectors, strict=True))
+        return np.stack([known[t] for t in texts]).astype(np.float32, copy=False)
 
     def similarity(self, predictions: Sequence[str], references: Sequence[str]) -> list[float]:
         """Cosine similarity of each prediction to its reference, in [-1, 1]."""

@@ -16,12 +16,15 @@ metrics = await scoring.results()     # {("base", 3): {"rouge1": ..., "similarit
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from doctune.evaluate.metrics import SIMILARITY, Embedder, LexicalScorer
+
+log = logging.getLogger(__name__)
 
 Key = tuple[str, int]
 
@@ -112,6 +115,12 @@ class Scoring:
             await asyncio.gather(*self._futures)
         finally:
             self._pool.shutdown(wait=True)
+            store = self.embedder.store if self.embedder is not None else None
+            if store is not None:
+                store.close()
+                log.info(
+                    "similarity: %d texts embedded, %d read from %s", store.misses, store.hits, store.path
+                )
         return self._metrics
 
     def close(self) -> None:

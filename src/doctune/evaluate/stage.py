@@ -32,8 +32,9 @@ from doctune.config import Config
 from doctune.errors import ConfigError, FailureRateError, InputError
 from doctune.evalset import EvalItem, load_eval_set
 from doctune.evaluate import facts, report, stats
+from doctune.evaluate.embedding_store import EmbeddingStore
 from doctune.evaluate.judge import Judge, PairVerdict, Verdict
-from doctune.evaluate.metrics import LEXICAL_METRICS, SIMILARITY
+from doctune.evaluate.metrics import LEXICAL_METRICS, SIMILARITY, Embedder
 from doctune.evaluate.scoring import Scoring
 from doctune.llm import gather
 from doctune.llm.base import LLM, RequestFailed, Usage
@@ -366,7 +367,10 @@ async def _evaluate(plan: EvalPlan, progress: Progress) -> EvalOutcome:
     """Work: load the models, answer and judge every item, score the answers; rows complete with metrics."""
     outcome = EvalOutcome()
     models = EvalModels()
-    scoring = Scoring([i.answer for i in plan.items], plan.names, similarity=plan.similarity)
+    store = EmbeddingStore(plan.cfg.run_folder.eval_embeddings)  # a re-run embeds only texts it has not seen
+    scoring = Scoring(
+        [i.answer for i in plan.items], plan.names, embedder=Embedder(store=store), similarity=plan.similarity
+    )
     chart_libs = None
     try:
         judge = _build_models(plan, models)
