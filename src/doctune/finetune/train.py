@@ -267,7 +267,7 @@ def _load_student(
 ) -> tuple[Any, str]:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from doctune.finetune import attention
+    from doctune.finetune import attention, dropout
 
     kwargs: dict[str, Any] = {}
     if fcfg.quantization is not None:
@@ -305,6 +305,8 @@ def _load_student(
                 task_type="CAUSAL_LM",
             ),
         )
+    if not hw.cuda:  # torch's dropout draws a random number per element: on a CPU, most of its time
+        log.debug("LoRA dropout: %d layers use finetune.dropout.BulkDropout", dropout.use_bulk_dropout(model))
     return model, attn
 
 
