@@ -225,6 +225,21 @@ def load_minilm(device: str = "cpu") -> Any:
         return _MINILM[device]
 
 
+def minilm_vectors(texts: list[str], device: str = "cpu", batch_size: int = 32) -> Any:
+    """Unit-length all-MiniLM-L6-v2 embeddings of `texts`, one float32 row per text (no progress bar: library
+    code does not draw). Eval's similarity and curate's semantic checks both embed through here."""
+    import numpy as np
+
+    vectors = load_minilm(device).encode(
+        texts,
+        batch_size=batch_size,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+        show_progress_bar=False,
+    )
+    return np.asarray(vectors, dtype=np.float32)
+
+
 def tie_output_head(model: Any) -> bool:
     """Share the input embeddings with the output head of a model whose config ties them, when transformers
     left them apart (it does when code outside doctune loaded two models at once in this process: see

@@ -18,7 +18,6 @@ import itertools
 import logging
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 from datasketch import MinHash
@@ -253,18 +252,10 @@ def keep_best(order: Sequence[int], neighbours: Neighbours) -> dict[int, tuple[i
     return dropped
 
 
-def _embedding_model() -> Any:
-    from doctune.models import load_minilm
-
-    return load_minilm("cpu")
-
-
 def embed(texts: Sequence[str]) -> np.ndarray:
     """Unit-length MiniLM embeddings (float32, one row per text) of the packaged all-MiniLM-L6-v2."""
     if not texts:
         return np.zeros((0, 384), dtype=np.float32)
-    model = _embedding_model()
-    vectors = model.encode(
-        list(texts), batch_size=EMBED_BATCH, normalize_embeddings=True, convert_to_numpy=True
-    )
-    return np.asarray(vectors, dtype=np.float32)
+    from doctune.models import minilm_vectors
+
+    return minilm_vectors(list(texts), "cpu", EMBED_BATCH)

@@ -120,13 +120,6 @@ class LexicalScorer:
         return scores
 
 
-def _minilm(device: str) -> Any:
-    """The packaged all-MiniLM-L6-v2 on `device`, loaded once per process (doctune.models)."""
-    from doctune.models import load_minilm
-
-    return load_minilm(device)
-
-
 class Embedder:
     """Sentence embeddings from the packaged all-MiniLM-L6-v2 (no download), loaded on first use. With a `store`
     (evaluate/embedding_store.py), texts embedded before are read from it and new ones are added to it."""
@@ -136,22 +129,15 @@ class Embedder:
         self.batch_size = batch_size
         self.store = store
 
-    def _model(self) -> Any:
+    def _encode(self, texts: list[str]) -> Any:
+        from doctune.models import minilm_vectors
+
         device = self.device
         if device == "auto":
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return _minilm(device)
-
-    def _encode(self, texts: list[str]) -> Any:
-        return self._model().encode(
-            texts,
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
+        return minilm_vectors(texts, device, self.batch_size)
 
     def embed(self, texts: Sequence[str]) -> Any:
         """Unit-length embeddings, one row per text (numpy float32)."""
